@@ -1,0 +1,77 @@
+"""Latency and peak-memory measurement of a Detectron2 model on the CPU or a GPU."""
+import resource
+import statistics
+import time
+
+import torch
+from detectron2.utils.events import EventStorage
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mib(device):
+    """Peak memory so far: allocated GPU memory on CUDA, process peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_inference(model, inputs, warmup=1, repeats=5, amp=False):
+    """Median latency (s) of ``model(inputs)`` in eval mode under no_grad, and peak memory (MiB).
+
+    On CUDA the memory is ``max_memory_allocated`` during the timed calls; on the CPU it is the peak
+    resident set size of the whole process (weights and Python included), the number a user sees.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+            model(inputs)
+
+    times = _timed(step, device, warmup, repeats)
+    return {"latency_s": statistics.median(times), "latency_all_s": times, "peak_mem_mib": _peak_mib(device)}
+
+
+def measure_training(model, inputs, warmup=1, repeats=3, amp=False):
+    """Median time (s) of one training iteration (forward, backward, AdamW step) and peak memory (MiB).
+
+    Args:
+        inputs: list of dicts with "image" and "instances" (ground truth), as a Detectron2 train loader gives.
+    """
+    device = next(model.parameters()).device
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        with torch.autocast(device.type, enabled=amp):
+            losses = sum(model(inputs).values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    with EventStorage(0):  # Detectron2 models log training metrics to an event storage
+        times = _timed(step, device, warmup, repeats)
+    return {"iter_s": statistics.median(times), "iter_all_s": times, "peak_mem_mib": _peak_mib(device)}

@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Measure a Detectron2 model: parameters, FLOPs, inference latency and memory, and optionally training.
+
+Works on any Detectron2 config, so DINO and Detectron2's own baselines are measured the same way:
+
+    python tools/benchmark.py --config-file configs/dino_r50_4scale.yaml --json out/dino4.json
+    python tools/benchmark.py --config-file zoo:COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml --json out/frcnn.json
+    python tools/benchmark.py --summarize out/*.json --markdown out/table.md --plot out/ap_vs_latency.png
+
+Weights are random (MODEL.WEIGHTS is cleared): cost does not depend on them. ``--compare-reference`` also
+times the model with the pure-PyTorch multi-scale deformable attention and reports the speed ratio.
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from dino_detr import add_dino_config  # noqa: E402  (registers DINO)
+from dino_detr.analysis import PUBLISHED_AP, count_flops, measure_inference, measure_training  # noqa: E402
+
+
+def machine_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or "cpu"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def load_cfg(config_file, device, opts):
+    cfg = get_cfg()
+    add_dino_config(cfg)
+    if config_file.startswith("zoo:"):
+        from detectron2 import model_zoo
+
+        config_file = model_zoo.get_config_file(config_file[4:])
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = device
+    cfg.freeze()
+    return cfg, config_file
+
+
+def model_key(config_file):
+    name = os.path.splitext(os.path.basename(config_file))[0]
+    for suffix in ("_1x", "_3x"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def make_inputs(height, width, device, with_targets, num_classes=80, num_boxes=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8).float().to(device)
+    sample = {"image": image, "height": height, "width": width}
+    if with_targets:
+        xy = torch.rand(num_boxes, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
+        wh = (torch.rand(num_boxes, 2, generator=g) * 0.25 + 0.05) * torch.tensor([width, height])
+        inst = Instances((height, width))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1).to(device))
+        inst.gt_classes = torch.randint(0, num_classes, (num_boxes,), generator=g).to(device)
+        sample["instances"] = inst
+    return [sample]
+
+
+@contextlib.contextmanager
+def reference_ms_deform_attn():
+    """Route every use of the native MSDA op inside ``dino_detr`` to the pure-PyTorch reference."""
+    from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference
+
+    patched = []
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("dino_detr"):
+            for name, value in list(vars(module).items()):
+                if value is ms_deform_attn:
+                    patched.append((module, name))
+                    setattr(module, name, ms_deform_attn_reference)
+    try:
+        yield len(patched)
+    finally:
+        for module, name in patched:
+            setattr(module, name, ms_deform_attn)
+
+
+def benchmark(args):
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = torch.device(args.device)
+    cfg, config_file = load_cfg(args.config_file, args.device, args.opts)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    h, w = args.size
+    result = {
+        "config": args.config_file,
+        "model": model_key(config_file),
+        "machine": machine_name(device),
+        "device": args.device,
+        "torch": torch.__version__,
+        "amp": args.amp,
+        "input": [h, w],
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "published_ap": PUBLISHED_AP.get(model_key(config_file), []),
+    }
+    inputs = make_inputs(h, w, device, with_targets=False)
+    if not args.no_flops:
+        model.eval()
+        total, by_op, skipped = count_flops(model, inputs[0]["image"])
+        result.update(gflops=total / 1e9, gflops_by_op={k: v / 1e9 for k, v in by_op.items()}, skipped_ops=skipped)
+    result["inference"] = measure_inference(model, inputs, args.warmup, args.repeats, args.amp)
+    if args.compare_reference:
+        with reference_ms_deform_attn() as n:
+            if n == 0:
+                raise SystemExit("--compare-reference: this model does not use dino_detr's MSDA op")
+            ref = measure_inference(model, inputs, args.warmup, args.repeats, args.amp)
+        result["inference_reference_msda"] = ref
+        result["speedup_vs_reference_msda"] = ref["latency_s"] / result["inference"]["latency_s"]
+    if args.train:
+        train_inputs = make_inputs(h, w, device, with_targets=True) * args.train_batch
+        result["training"] = measure_training(model, train_inputs, args.warmup, max(1, args.repeats // 2), args.amp)
+    return result
+
+
+def markdown_table(results):
+    rows = [
+        "| model | published COCO box AP | params (M) | GFLOPs | input | device | latency (s/img) | "
+        "peak mem (MiB) | train (s/iter) | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ap = ", ".join(f"{s} {a}" for s, a, _ in r["published_ap"]) or "-"
+        train = f"{r['training']['iter_s']:.2f}" if "training" in r else "-"
+        gflops = f"{r['gflops']:.0f}" if "gflops" in r else "-"
+        lat = f"{r['inference']['latency_s']:.3f}"
+        if "speedup_vs_reference_msda" in r:
+            lat += (
+                f" (reference MSDA {r['inference_reference_msda']['latency_s']:.3f}; "
+                f"{r['speedup_vs_reference_msda']:.2f}x)"
+            )
+        dev = r["device"] + (" AMP" if r["amp"] else "")
+        rows.append(
+            f"| {r['model']} | {ap} | {r['params_m']:.1f} | {gflops} | {r['input'][0]}x{r['input'][1]} | {dev} "
+            f"| {lat} | {r['inference']['peak_mem_mib']:.0f} | {train} | {r['machine']} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        if not r["published_ap"]:
+            continue
+        best = max(ap for _, ap, _ in r["published_ap"])
+        ax.scatter(r["inference"]["latency_s"], best, s=40)
+        ax.annotate(f"{r['model']} ({r['device']})", (r["inference"]["latency_s"], best), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("inference latency, batch 1 (s/img, measured)")
+    ax.set_ylabel("best published COCO val2017 box AP")
+    ax.set_title(results[0]["machine"] if results else "")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", help="a YAML path, or zoo:<path> for a Detectron2 model-zoo config")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA)")
+    parser.add_argument("--train", action="store_true", help="also time training iterations")
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--no-flops", action="store_true")
+    parser.add_argument("--compare-reference", action="store_true",
+                        help="also time with the pure-PyTorch MSDA op and report the speed ratio")
+    parser.add_argument("--json", help="write the result (or, with --summarize, all results) here")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON", help="combine earlier results")
+    parser.add_argument("--markdown", help="write the Markdown table here")
+    parser.add_argument("--plot", help="with --summarize: write an AP-vs-latency PNG here")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = parser.parse_args()
+
+    if args.summarize:
+        results = []
+        for path in args.summarize:
+            with open(path) as f:
+                results.append(json.load(f))
+    elif args.config_file:
+        results = [benchmark(args)]
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(results[0], f, indent=1)
+    else:
+        parser.error("give --config-file or --summarize")
+    table = markdown_table(results)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
