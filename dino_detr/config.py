@@ -3,14 +3,57 @@
 Defaults are the official DINO-4scale R50 12-epoch settings (IDEA-Research/DINO,
 ``config/DINO/DINO_4scale.py``) expressed in Detectron2's vocabulary.
 """
+import torch
 from detectron2.config import CfgNode as CN
 
 
 def add_dino_config(cfg):
-    """Add every ``cfg.MODEL.DINO.*`` key and the DINO training keys to ``cfg`` (in place)."""
+    """Add every ``cfg.MODEL.DINO.*`` key and the DINO training keys to ``cfg`` (in place).
+
+    Unknown keys in a YAML file or on the command line then fail in Detectron2's
+    ``merge_from_file`` / ``merge_from_list`` with the key named; contradictory values fail
+    in :func:`check_dino_config` when the model is built.
+    """
+    # Detectron2 defaults to "cuda"; DINO defaults to whatever this machine has.
+    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     _add_model_config(cfg)
     _add_solver_config(cfg)
     _add_input_config(cfg)
+
+
+def check_dino_config(cfg):
+    """Raise ``ValueError`` naming the key when DINO settings contradict each other."""
+    d = cfg.MODEL.DINO
+    positive = ["NUM_CLASSES", "HIDDEN_DIM", "NHEADS", "ENC_LAYERS", "DEC_LAYERS", "DIM_FEEDFORWARD",
+                "ENC_N_POINTS", "DEC_N_POINTS", "NUM_QUERIES", "NUM_FEATURE_LEVELS", "NUM_SELECT"]
+    for key in positive:
+        if d[key] <= 0:
+            raise ValueError(f"MODEL.DINO.{key} must be positive, got {d[key]}")
+    if d.HIDDEN_DIM % d.NHEADS != 0:
+        raise ValueError(f"MODEL.DINO.HIDDEN_DIM={d.HIDDEN_DIM} must be divisible by MODEL.DINO.NHEADS={d.NHEADS}")
+    if d.HIDDEN_DIM % 32 != 0:
+        raise ValueError(f"MODEL.DINO.HIDDEN_DIM={d.HIDDEN_DIM} must be divisible by 32 (GroupNorm(32) projections)")
+    if len(d.IN_FEATURES) == 0:
+        raise ValueError("MODEL.DINO.IN_FEATURES is empty")
+    if d.NUM_FEATURE_LEVELS < len(d.IN_FEATURES):
+        raise ValueError(
+            f"MODEL.DINO.NUM_FEATURE_LEVELS={d.NUM_FEATURE_LEVELS} is smaller than the "
+            f"{len(d.IN_FEATURES)} MODEL.DINO.IN_FEATURES {list(d.IN_FEATURES)}"
+        )
+    if d.NUM_SELECT > d.NUM_QUERIES * d.NUM_CLASSES:
+        raise ValueError(
+            f"MODEL.DINO.NUM_SELECT={d.NUM_SELECT} exceeds NUM_QUERIES * NUM_CLASSES = {d.NUM_QUERIES * d.NUM_CLASSES}"
+        )
+    if d.DN_LABELBOOK_SIZE and d.DN_LABELBOOK_SIZE < d.NUM_CLASSES:
+        raise ValueError(
+            f"MODEL.DINO.DN_LABELBOOK_SIZE={d.DN_LABELBOOK_SIZE} is smaller than MODEL.DINO.NUM_CLASSES={d.NUM_CLASSES}"
+        )
+    if not 0.0 <= d.DN_LABEL_NOISE_RATIO <= 1.0:
+        raise ValueError(f"MODEL.DINO.DN_LABEL_NOISE_RATIO must be in [0, 1], got {d.DN_LABEL_NOISE_RATIO}")
+    if d.DN_BOX_NOISE_SCALE < 0 or d.DN_NUMBER < 0:
+        raise ValueError("MODEL.DINO.DN_BOX_NOISE_SCALE and MODEL.DINO.DN_NUMBER must be >= 0")
+    if d.POSITION_EMBEDDING not in ("sine", "learned"):
+        raise ValueError(f"MODEL.DINO.POSITION_EMBEDDING must be 'sine' or 'learned', got {d.POSITION_EMBEDDING!r}")
 
 
 def _add_model_config(cfg):
@@ -57,6 +100,12 @@ def _add_model_config(cfg):
     d.ENC_LOSS = True
     # Inference
     d.NUM_SELECT = 300
+    # Backbone "build_timm_backbone": any timm CNN with features_only=True; set
+    # MODEL.DINO.IN_FEATURES to the matching ["timm_feat{i}"] names.
+    cfg.MODEL.TIMM = CN()
+    cfg.MODEL.TIMM.NAME = "resnet50"
+    cfg.MODEL.TIMM.OUT_INDICES = [2, 3, 4]
+    cfg.MODEL.TIMM.PRETRAINED = False
 
 
 def _add_solver_config(cfg):

@@ -1,0 +1,9 @@
+"""DINO (DETR with Improved deNoising anchOr boxes) as a Detectron2 project.
+
+Importing the package registers the meta-architecture ``"DinoDetr"`` and the backbone
+``"build_timm_backbone"``; :func:`add_dino_config` adds the ``MODEL.DINO`` keys.
+"""
+from .config import add_dino_config, check_dino_config
+from .modeling import DinoDetr
+
+__all__ = ["add_dino_config", "check_dino_config", "DinoDetr"]

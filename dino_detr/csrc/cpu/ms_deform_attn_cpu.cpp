@@ -1,0 +1,294 @@
+// CPU kernels of multi-scale deformable attention (float32, float64).
+//
+// Each sample (query q, head m, level l, point p) is bilinear: its four corner weights and
+// offsets are computed once, then reused across the D contiguous channels of value[n, s, m, :],
+// so the inner loops are plain vectorizable loops over D.
+//   forward:  parallel over (n, q) rows; each thread owns its output rows.
+//   backward: parallel over (n, m); each thread owns grad_value[n, :, m, :] and the location /
+//             weight gradients of its head, so no two threads write the same element.
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../ms_deform_attn.h"
+
+// The hot loops get an AVX2+FMA clone next to the baseline one, picked at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DINO_DETR_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define DINO_DETR_MULTIVERSION
+#endif
+
+namespace dino_detr {
+namespace {
+
+struct Level {
+  int64_t height, width, start;
+};
+
+// Reads and validates the level layout (both tensors are small and on the CPU).
+std::vector<Level> read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                               int64_t spatial) {
+  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
+  const int64_t* starts = level_start_index.data_ptr<int64_t>();
+  std::vector<Level> levels(spatial_shapes.size(0));
+  int64_t next_start = 0;
+  for (size_t l = 0; l < levels.size(); ++l) {
+    levels[l] = {shapes[2 * l], shapes[2 * l + 1], starts[l]};
+    TORCH_CHECK(levels[l].height > 0 && levels[l].width > 0, "ms_deform_attn: level ", l,
+                " has non-positive shape (", levels[l].height, ", ", levels[l].width, ")");
+    TORCH_CHECK(levels[l].start == next_start, "ms_deform_attn: level_start_index[", l, "] is ",
+                levels[l].start, ", expected ", next_start);
+    next_start += levels[l].height * levels[l].width;
+  }
+  TORCH_CHECK(next_start == spatial, "ms_deform_attn: spatial_shapes sum to ", next_start,
+              " positions but value has S=", spatial);
+  return levels;
+}
+
+// One bilinear sample: corner weights (without the attention weight) and value offsets
+// (in elements, relative to the level's first position) of the four corners; a corner
+// outside the map has weight 0 and valid=false.
+template <typename T>
+struct Bilinear {
+  T fx, fy;            // fractional position inside the cell
+  T weight[4];         // (y0,x0), (y0,x1), (y1,x0), (y1,x1)
+  int64_t offset[4];
+  bool valid[4];
+  bool all_valid;
+
+  // x, y: normalized location; returns false when the sample touches no pixel.
+  inline bool init(T loc_x, T loc_y, const Level& level, int64_t position_stride) {
+    const T x = loc_x * static_cast<T>(level.width) - T(0.5);
+    const T y = loc_y * static_cast<T>(level.height) - T(0.5);
+    if (!(x > T(-1) && y > T(-1) && x < static_cast<T>(level.width) && y < static_cast<T>(level.height))) {
+      return false;  // also rejects NaN
+    }
+    const T x0f = std::floor(x), y0f = std::floor(y);
+    const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
+    fx = x - x0f;
+    fy = y - y0f;
+    const bool in_x0 = x0 >= 0, in_x1 = x0 + 1 < level.width;
+    const bool in_y0 = y0 >= 0, in_y1 = y0 + 1 < level.height;
+    valid[0] = in_y0 && in_x0;
+    valid[1] = in_y0 && in_x1;
+    valid[2] = in_y1 && in_x0;
+    valid[3] = in_y1 && in_x1;
+    all_valid = valid[0] && valid[1] && valid[2] && valid[3];
+    weight[0] = (T(1) - fy) * (T(1) - fx);
+    weight[1] = (T(1) - fy) * fx;
+    weight[2] = fy * (T(1) - fx);
+    weight[3] = fy * fx;
+    const int64_t base = (y0 * level.width + x0) * position_stride;
+    offset[0] = base;
+    offset[1] = base + position_stride;
+    offset[2] = base + level.width * position_stride;
+    offset[3] = offset[2] + position_stride;
+    return true;
+  }
+};
+
+template <typename T>
+struct Problem {
+  const T* value;
+  const T* locations;
+  const T* weights;
+  const Level* levels;
+  MSDASizes s;
+};
+
+// Output rows [begin, end) of the flattened (N * Lq) query axis. kD > 0 fixes D at compile time.
+template <typename T, int kD>
+DINO_DETR_MULTIVERSION void forward_rows(const Problem<T>& pb, T* out, int64_t begin, int64_t end) {
+  const MSDASizes& s = pb.s;
+  const int64_t D = kD > 0 ? kD : s.channels;
+  const int64_t stride = s.heads * D;  // between two spatial positions of one head
+  for (int64_t row = begin; row < end; ++row) {
+    const T* value_n = pb.value + (row / s.queries) * s.spatial * stride;
+    for (int64_t m = 0; m < s.heads; ++m) {
+      const int64_t qm = row * s.heads + m;
+      T* __restrict__ acc = out + qm * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
+      const T* loc = pb.locations + qm * s.levels * s.points * 2;
+      const T* attn = pb.weights + qm * s.levels * s.points;
+      for (int64_t l = 0; l < s.levels; ++l) {
+        const Level& level = pb.levels[l];
+        const T* value_l = value_n + level.start * stride + m * D;
+        for (int64_t p = 0; p < s.points; ++p, loc += 2, ++attn) {
+          Bilinear<T> b;
+          if (!b.init(loc[0], loc[1], level, stride)) continue;
+          const T a = *attn;
+          if (b.all_valid) {
+            const T w0 = a * b.weight[0], w1 = a * b.weight[1], w2 = a * b.weight[2], w3 = a * b.weight[3];
+            const T* __restrict__ v0 = value_l + b.offset[0];
+            const T* __restrict__ v1 = value_l + b.offset[1];
+            const T* __restrict__ v2 = value_l + b.offset[2];
+            const T* __restrict__ v3 = value_l + b.offset[3];
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) acc[d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d];
+          } else {
+            for (int c = 0; c < 4; ++c) {
+              if (!b.valid[c]) continue;
+              const T w = a * b.weight[c];
+              const T* __restrict__ v = value_l + b.offset[c];
+#pragma omp simd
+              for (int64_t d = 0; d < D; ++d) acc[d] += w * v[d];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Gradients of batch n, head m (the (n, m) slice is owned by the calling thread).
+template <typename T, int kD>
+DINO_DETR_MULTIVERSION void backward_head(const Problem<T>& pb, const T* grad_out, T* grad_value, T* grad_loc, T* grad_attn,
+                   int64_t n, int64_t m) {
+  const MSDASizes& s = pb.s;
+  const int64_t D = kD > 0 ? kD : s.channels;
+  const int64_t stride = s.heads * D;
+  const int64_t head_offset = n * s.spatial * stride + m * D;
+  const int64_t samples = s.levels * s.points;
+  for (int64_t q = 0; q < s.queries; ++q) {
+    const int64_t qm = (n * s.queries + q) * s.heads + m;
+    const T* __restrict__ g = grad_out + qm * D;
+    const T* loc = pb.locations + qm * samples * 2;
+    const T* attn = pb.weights + qm * samples;
+    T* g_loc = grad_loc + qm * samples * 2;
+    T* g_attn = grad_attn + qm * samples;
+    for (int64_t l = 0; l < s.levels; ++l) {
+      const Level& level = pb.levels[l];
+      const int64_t level_offset = head_offset + level.start * stride;
+      for (int64_t p = 0; p < s.points; ++p, loc += 2, ++attn, g_loc += 2, ++g_attn) {
+        Bilinear<T> b;
+        if (!b.init(loc[0], loc[1], level, stride)) continue;  // gradients stay 0
+        const T a = *attn;
+        T dot[4] = {T(0), T(0), T(0), T(0)};  // <grad_out, corner value>
+        if (b.all_valid) {
+          const T w0 = a * b.weight[0], w1 = a * b.weight[1], w2 = a * b.weight[2], w3 = a * b.weight[3];
+          const T* __restrict__ v0 = pb.value + level_offset + b.offset[0];
+          const T* __restrict__ v1 = pb.value + level_offset + b.offset[1];
+          const T* __restrict__ v2 = pb.value + level_offset + b.offset[2];
+          const T* __restrict__ v3 = pb.value + level_offset + b.offset[3];
+          T* __restrict__ gv0 = grad_value + level_offset + b.offset[0];
+          T* __restrict__ gv1 = grad_value + level_offset + b.offset[1];
+          T* __restrict__ gv2 = grad_value + level_offset + b.offset[2];
+          T* __restrict__ gv3 = grad_value + level_offset + b.offset[3];
+          T d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+          for (int64_t d = 0; d < D; ++d) {
+            const T gd = g[d];
+            d0 += gd * v0[d];
+            d1 += gd * v1[d];
+            d2 += gd * v2[d];
+            d3 += gd * v3[d];
+            gv0[d] += w0 * gd;
+            gv1[d] += w1 * gd;
+            gv2[d] += w2 * gd;
+            gv3[d] += w3 * gd;
+          }
+          dot[0] = d0, dot[1] = d1, dot[2] = d2, dot[3] = d3;
+        } else {
+          for (int c = 0; c < 4; ++c) {
+            if (!b.valid[c]) continue;
+            const T w = a * b.weight[c];
+            const T* __restrict__ v = pb.value + level_offset + b.offset[c];
+            T* __restrict__ gv = grad_value + level_offset + b.offset[c];
+            T dc = 0;
+#pragma omp simd reduction(+ : dc)
+            for (int64_t d = 0; d < D; ++d) {
+              dc += g[d] * v[d];
+              gv[d] += w * g[d];
+            }
+            dot[c] = dc;
+          }
+        }
+        *g_attn = b.weight[0] * dot[0] + b.weight[1] * dot[1] + b.weight[2] * dot[2] + b.weight[3] * dot[3];
+        const T dfx = (T(1) - b.fy) * (dot[1] - dot[0]) + b.fy * (dot[3] - dot[2]);
+        const T dfy = (T(1) - b.fx) * (dot[2] - dot[0]) + b.fx * (dot[3] - dot[1]);
+        g_loc[0] = a * static_cast<T>(level.width) * dfx;
+        g_loc[1] = a * static_cast<T>(level.height) * dfy;
+      }
+    }
+  }
+}
+
+// Calls fn.template operator()<kD>() with D fixed for the common head sizes.
+template <typename Fn>
+void dispatch_channels(int64_t channels, const Fn& fn) {
+  switch (channels) {
+    case 16: fn(std::integral_constant<int, 16>()); break;
+    case 32: fn(std::integral_constant<int, 32>()); break;
+    case 64: fn(std::integral_constant<int, 64>()); break;
+    default: fn(std::integral_constant<int, 0>()); break;
+  }
+}
+
+void check_cpu(const at::Tensor& value) {
+  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
+              "ms_deform_attn: the CPU kernel supports float32 and float64, got ", value.scalar_type());
+}
+
+at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                              const at::Tensor& attention_weights) {
+  const MSDASizes s =
+      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_cpu(value);
+  const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index, s.spatial);
+  at::Tensor out = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
+    const Problem<scalar_t> pb{value.data_ptr<scalar_t>(), sampling_locations.data_ptr<scalar_t>(),
+                               attention_weights.data_ptr<scalar_t>(), levels.data(), s};
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    const int64_t work_per_row = std::max<int64_t>(1, s.heads * s.levels * s.points * s.channels);
+    const int64_t grain = std::max<int64_t>(1, 32768 / work_per_row);
+    dispatch_channels(s.channels, [&](auto kD) {
+      at::parallel_for(0, s.batch * s.queries, grain, [&](int64_t begin, int64_t end) {
+        forward_rows<scalar_t, decltype(kD)::value>(pb, out_ptr, begin, end);
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const MSDASizes s =
+      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_cpu(value);
+  check_grad_output(grad_output, value, s);
+  const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index, s.spatial);
+  at::Tensor grad_value = at::zeros_like(value);
+  at::Tensor grad_loc = at::zeros_like(sampling_locations);
+  at::Tensor grad_attn = at::zeros_like(attention_weights);
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    const Problem<scalar_t> pb{value.data_ptr<scalar_t>(), sampling_locations.data_ptr<scalar_t>(),
+                               attention_weights.data_ptr<scalar_t>(), levels.data(), s};
+    const scalar_t* g = grad_output.data_ptr<scalar_t>();
+    scalar_t* gv = grad_value.data_ptr<scalar_t>();
+    scalar_t* gl = grad_loc.data_ptr<scalar_t>();
+    scalar_t* ga = grad_attn.data_ptr<scalar_t>();
+    dispatch_channels(s.channels, [&](auto kD) {
+      at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          backward_head<scalar_t, decltype(kD)::value>(pb, g, gv, gl, ga, task / s.heads, task % s.heads);
+        }
+      });
+    });
+  });
+  return {grad_value, grad_loc, grad_attn};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dino_detr, CPU, m) {
+  m.impl("ms_deform_attn", &ms_deform_attn_cpu);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+}
+
+}  // namespace dino_detr

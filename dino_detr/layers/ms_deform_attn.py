@@ -1,0 +1,215 @@
+"""Multi-scale deformable attention: the public op.
+
+``ms_deform_attn`` validates its inputs (clear Python errors instead of crashes or
+out-of-bounds reads), makes them contiguous and calls the native operator
+``torch.ops.dino_detr.ms_deform_attn`` (schema in ``dino_detr/csrc``; C++ kernel on
+the CPU, CUDA kernels on the GPU). Its autograd formula and fake (meta) kernel are
+registered here through ``torch.library``, so ``torch.compile(fullgraph=True)`` and
+``torch.export`` trace through it without graph breaks.
+
+When the extension ``dino_detr._C`` is not built, the op falls back to the
+pure-PyTorch reference (``grid_sample``) and says so once.
+"""
+
+import warnings
+
+import torch
+
+from .ms_deform_attn_reference import ms_deform_attn_reference
+
+__all__ = ["ms_deform_attn", "native_extension_available"]
+
+_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the repository root"
+
+try:
+    from dino_detr import _C  # noqa: F401  (loading it registers torch.ops.dino_detr.*)
+
+    _NATIVE_IMPORT_ERROR = None
+except ImportError as e:  # the extension is not built: fall back to the reference
+    _NATIVE_IMPORT_ERROR = e
+    warnings.warn(
+        "dino_detr._C (native multi-scale deformable attention) is not available "
+        f"({e}); falling back to the slow pure-PyTorch reference. To use the native op, "
+        f"{_BUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def native_extension_available() -> bool:
+    """True when ``dino_detr._C`` is built and ``torch.ops.dino_detr.ms_deform_attn`` is the native op."""
+    return _NATIVE_IMPORT_ERROR is None
+
+
+def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Checks ranks, sizes, dtypes and devices (no data access; safe under torch.compile)."""
+    tensors = {
+        "value": value,
+        "spatial_shapes": spatial_shapes,
+        "level_start_index": level_start_index,
+        "sampling_locations": sampling_locations,
+        "attention_weights": attention_weights,
+    }
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(t).__name__}")
+    expected_ranks = {
+        "value": (4, "(N, S, M, D)"),
+        "spatial_shapes": (2, "(L, 2)"),
+        "level_start_index": (1, "(L,)"),
+        "sampling_locations": (6, "(N, Lq, M, L, P, 2)"),
+        "attention_weights": (5, "(N, Lq, M, L, P)"),
+    }
+    for name, (rank, layout) in expected_ranks.items():
+        if tensors[name].dim() != rank:
+            raise ValueError(
+                f"ms_deform_attn: {name} must have rank {rank} {layout}, "
+                f"got shape {tuple(tensors[name].shape)}"
+            )
+    if spatial_shapes.shape[1] != 2:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must be (L, 2) of (H, W), got {tuple(spatial_shapes.shape)}"
+        )
+    if sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            "ms_deform_attn: sampling_locations must end in 2 normalized (x, y) coordinates, "
+            f"got shape {tuple(sampling_locations.shape)}"
+        )
+    n, _, m, _ = value.shape
+    num_levels = spatial_shapes.shape[0]
+    checks = [
+        ("batch size", "value", n, "sampling_locations", sampling_locations.shape[0]),
+        ("batch size", "value", n, "attention_weights", attention_weights.shape[0]),
+        ("head count", "value", m, "sampling_locations", sampling_locations.shape[2]),
+        ("head count", "value", m, "attention_weights", attention_weights.shape[2]),
+        ("level count", "spatial_shapes", num_levels, "level_start_index", level_start_index.shape[0]),
+        ("level count", "spatial_shapes", num_levels, "sampling_locations", sampling_locations.shape[3]),
+        ("level count", "spatial_shapes", num_levels, "attention_weights", attention_weights.shape[3]),
+        ("query count", "sampling_locations", sampling_locations.shape[1],
+         "attention_weights", attention_weights.shape[1]),
+        ("point count", "sampling_locations", sampling_locations.shape[4],
+         "attention_weights", attention_weights.shape[4]),
+    ]
+    for what, name_a, a, name_b, b in checks:
+        if a != b:
+            raise ValueError(f"ms_deform_attn: {what} mismatch: {name_a} has {a}, {name_b} has {b}")
+    for name, t in tensors.items():
+        if t.device != value.device:
+            raise ValueError(
+                f"ms_deform_attn: all inputs must be on one device; value is on {value.device}, "
+                f"{name} is on {t.device}"
+            )
+    for name in ("value", "sampling_locations", "attention_weights"):
+        if tensors[name].dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"ms_deform_attn: {name} must be a floating-point tensor, got {tensors[name].dtype}"
+            )
+    for name in ("sampling_locations", "attention_weights"):
+        if tensors[name].dtype != value.dtype:
+            raise TypeError(
+                f"ms_deform_attn: mixed float dtypes: value is {value.dtype}, {name} is "
+                f"{tensors[name].dtype}; cast them to one dtype"
+            )
+    for name in ("spatial_shapes", "level_start_index"):
+        if tensors[name].dtype != torch.int64:
+            raise TypeError(f"ms_deform_attn: {name} must be int64, got {tensors[name].dtype}")
+    if value.device.type == "cpu" and value.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"ms_deform_attn: {value.dtype} is supported on CUDA only; use float32 or float64 on the CPU"
+        )
+
+
+def _check_level_layout(value, spatial_shapes, level_start_index):
+    """Checks that the levels tile ``value``'s S axis (reads two small tensors: one sync on CUDA)."""
+    sizes = spatial_shapes.prod(1)
+    starts = torch.cumsum(sizes, 0) - sizes
+    layout = torch.stack(
+        [
+            (spatial_shapes < 1).any(),
+            sizes.sum() != value.shape[1],
+            (level_start_index != starts).any(),
+        ]
+    ).tolist()
+    if layout[0]:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must be positive (H, W), got {spatial_shapes.tolist()}"
+        )
+    if layout[1]:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes {spatial_shapes.tolist()} sum to {int(sizes.sum())} "
+            f"positions but value has S={value.shape[1]}"
+        )
+    if layout[2]:
+        raise ValueError(
+            f"ms_deform_attn: level_start_index {level_start_index.tolist()} is inconsistent with "
+            f"spatial_shapes (expected {starts.tolist()})"
+        )
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention (Deformable DETR semantics).
+
+    Bilinear sampling with ``align_corners=False`` (pixel centres at ``(i + 0.5) / W``),
+    zeros outside each map, weighted by ``attention_weights`` and summed over levels and points.
+
+    Args:
+        value: (N, S, M, D) float, S = sum_l H_l * W_l (levels flattened row-major, in order).
+        spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
+        level_start_index: (L,) int64 start of each level in S.
+        sampling_locations: (N, Lq, M, L, P, 2) normalized ``(x, y)``, same dtype as ``value``.
+        attention_weights: (N, Lq, M, L, P), same dtype as ``value``.
+
+    Returns:
+        (N, Lq, M * D) with ``value``'s dtype.
+    """
+    _check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if not torch.compiler.is_compiling():
+        _check_level_layout(value, spatial_shapes, level_start_index)
+    args = (
+        value.contiguous(),
+        spatial_shapes.contiguous(),
+        level_start_index.contiguous(),
+        sampling_locations.contiguous(),
+        attention_weights.contiguous(),
+    )
+    if _NATIVE_IMPORT_ERROR is not None:
+        return ms_deform_attn_reference(*args)
+    return torch.ops.dino_detr.ms_deform_attn(*args)
+
+
+if _NATIVE_IMPORT_ERROR is None:
+
+    @torch.library.register_fake("dino_detr::ms_deform_attn")
+    def _ms_deform_attn_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        n, _, m, d = value.shape
+        return value.new_empty((n, sampling_locations.shape[1], m * d))
+
+    @torch.library.register_fake("dino_detr::ms_deform_attn_backward")
+    def _ms_deform_attn_backward_fake(
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    ):
+        return (
+            torch.empty_like(value),
+            torch.empty_like(sampling_locations),
+            torch.empty_like(attention_weights),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    def _backward(ctx, grad_output):
+        grad_value, grad_locations, grad_weights = torch.ops.dino_detr.ms_deform_attn_backward(
+            grad_output.contiguous(), *ctx.saved_tensors
+        )
+        return grad_value, None, None, grad_locations, grad_weights
+
+    torch.library.register_autograd("dino_detr::ms_deform_attn", _backward, setup_context=_setup_context)

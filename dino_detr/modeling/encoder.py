@@ -1,0 +1,88 @@
+"""Deformable transformer encoder of DINO (Deformable DETR's, post-norm)."""
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dino_detr.layers import MSDeformAttn
+
+__all__ = ["DeformableEncoderLayer", "DeformableEncoder", "encoder_reference_points"]
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Deformable self-attention over all levels, then FFN; each followed by residual +
+    LayerNorm. Submodule names follow the official code (``self_attn``, ``norm1``,
+    ``linear1``, ``linear2``, ``norm2``)."""
+
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.0, n_levels=4, n_heads=8, n_points=4):
+        super().__init__()
+        self.self_attn = MSDeformAttn(embed_dim=d_model, num_heads=n_heads, num_levels=n_levels, num_points=n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        """
+        Args:
+            src, pos: (N, S, C) flattened features and their position (+ level) embedding.
+            reference_points: (N, S, L, 2) normalized.
+            spatial_shapes: (L, 2); level_start_index: (L,); padding_mask: (N, S) bool.
+        Returns:
+            (N, S, C)
+        """
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src = self.norm1(src + self.dropout1(attn))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+    """Pixel-centre reference point of every encoder token, expressed for every level.
+
+    Each token's centre is normalized by its own level's valid (unpadded) extent, then
+    multiplied by each level's valid ratio (official Deformable DETR rule).
+
+    Args:
+        spatial_shapes: (L, 2) int64 (H_l, W_l).
+        valid_ratios: (N, L, 2) valid fraction (w, h) per level.
+    Returns:
+        (N, S, L, 2) normalized (x, y).
+    """
+    points = []
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        ref_y, ref_x = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device),
+            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device),
+            indexing="ij",
+        )
+        ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
+        ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+        points.append(torch.stack((ref_x, ref_y), -1))
+    return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
+
+
+class DeformableEncoder(nn.Module):
+    """``num_layers`` independent copies of ``layer`` applied in sequence."""
+
+    def __init__(self, layer: DeformableEncoderLayer, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+
+    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
+        """
+        Args:
+            src, pos: (N, S, C); spatial_shapes: (L, 2); level_start_index: (L,);
+            valid_ratios: (N, L, 2); padding_mask: (N, S) bool.
+        Returns:
+            memory (N, S, C)
+        """
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        for layer in self.layers:
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+        return src

@@ -1,0 +1,270 @@
+"""DINO as a Detectron2 meta-architecture (``MODEL.META_ARCHITECTURE: "DinoDetr"``)."""
+
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+from torchvision.ops import box_convert
+
+from dino_detr.config import check_dino_config
+
+from .backbone import InputProjection
+from .criterion import SetCriterion
+from .decoder import look_forward_twice
+from .denoising import DenoisingQueries, contrastive_denoising, dn_positive_indices
+from .heads import make_box_head, make_class_head, per_layer_heads
+from .matcher import HungarianMatcher
+from .position_encoding import build_position_embedding
+from .transformer import DeformableTransformer
+
+__all__ = ["DinoDetr"]
+
+
+@META_ARCH_REGISTRY.register()
+class DinoDetr(nn.Module):
+    """DINO: backbone -> input projections -> deformable encoder -> mixed query selection ->
+    deformable decoder (with contrastive denoising queries in training) -> class/box heads.
+
+    Parameter names mirror the official implementation (``input_proj``, ``transformer``,
+    ``class_embed``, ``bbox_embed``, ``label_enc``) so official checkpoints convert by
+    renaming; the backbone is Detectron2's (``backbone.*``).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        in_features: List[str],
+        transformer: DeformableTransformer,
+        input_proj: InputProjection,
+        position_embedding: nn.Module,
+        class_embed: nn.ModuleList,
+        bbox_embed: nn.ModuleList,
+        label_enc: nn.Embedding,
+        criterion: SetCriterion,
+        num_classes: int,
+        num_select: int,
+        dn_number: int,
+        dn_label_noise_ratio: float,
+        dn_box_noise_scale: float,
+        aux_loss: bool,
+        enc_loss: bool,
+        pixel_mean: List[float],
+        pixel_std: List[float],
+    ):
+        """
+        Args:
+            backbone: Detectron2 backbone whose ``in_features`` maps feed the transformer.
+            transformer: encoder, query selection and decoder; its decoder shares ``bbox_embed``.
+            input_proj: projections of the backbone maps (+ extra levels) to the hidden size.
+            position_embedding: mask (N, H, W) -> (N, C, H, W).
+            class_embed / bbox_embed: one head per decoder layer (shared modules by default).
+            label_enc: embedding of the denoising labels (label book + 1 rows, as official).
+            criterion: the DINO losses; num_select: detections kept per image.
+            dn_*: contrastive denoising settings (``dn_number`` 0 disables it).
+            pixel_mean / pixel_std: input normalization, in the channel order of the input.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.in_features = in_features
+        self.input_proj = input_proj
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        self.class_embed = class_embed
+        self.bbox_embed = bbox_embed
+        self.label_enc = label_enc
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.num_select = num_select
+        self.dn_number = dn_number
+        self.dn_label_noise_ratio = dn_label_noise_ratio
+        self.dn_box_noise_scale = dn_box_noise_scale
+        self.aux_loss = aux_loss
+        self.enc_loss = enc_loss
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        check_dino_config(cfg)
+        d = cfg.MODEL.DINO
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        missing = [f for f in d.IN_FEATURES if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.DINO.IN_FEATURES {missing} are not produced by the backbone (it gives {sorted(shapes)}); "
+                "set the backbone's OUT_FEATURES (e.g. MODEL.RESNETS.OUT_FEATURES) accordingly"
+            )
+        class_head = make_class_head(d.HIDDEN_DIM, d.NUM_CLASSES)
+        box_head = make_box_head(d.HIDDEN_DIM)
+        class_embed = per_layer_heads(class_head, d.DEC_LAYERS, d.DEC_PRED_CLASS_EMBED_SHARE)
+        bbox_embed = per_layer_heads(box_head, d.DEC_LAYERS, d.DEC_PRED_BBOX_EMBED_SHARE)
+        transformer = DeformableTransformer(
+            enc_class_head=make_class_head(d.HIDDEN_DIM, d.NUM_CLASSES),
+            enc_box_head=make_box_head(d.HIDDEN_DIM),
+            dec_box_heads=bbox_embed,
+            d_model=d.HIDDEN_DIM,
+            nhead=d.NHEADS,
+            num_queries=d.NUM_QUERIES,
+            num_encoder_layers=d.ENC_LAYERS,
+            num_decoder_layers=d.DEC_LAYERS,
+            dim_feedforward=d.DIM_FEEDFORWARD,
+            dropout=d.DROPOUT,
+            num_feature_levels=d.NUM_FEATURE_LEVELS,
+            enc_n_points=d.ENC_N_POINTS,
+            dec_n_points=d.DEC_N_POINTS,
+        )
+        matcher = HungarianMatcher(d.COST_CLASS, d.COST_BBOX, d.COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
+        weights = {"loss_class": d.CLASS_LOSS_COEF, "loss_bbox": d.BBOX_LOSS_COEF, "loss_giou": d.GIOU_LOSS_COEF}
+        return {
+            "backbone": backbone,
+            "in_features": list(d.IN_FEATURES),
+            "transformer": transformer,
+            "input_proj": InputProjection([shapes[f].channels for f in d.IN_FEATURES], d.HIDDEN_DIM,
+                                          d.NUM_FEATURE_LEVELS),
+            "position_embedding": build_position_embedding(
+                d.POSITION_EMBEDDING, d.HIDDEN_DIM, d.PE_TEMPERATURE_H, d.PE_TEMPERATURE_W
+            ),
+            "class_embed": class_embed,
+            "bbox_embed": bbox_embed,
+            "label_enc": nn.Embedding((d.DN_LABELBOOK_SIZE or d.NUM_CLASSES) + 1, d.HIDDEN_DIM),
+            "criterion": SetCriterion(d.NUM_CLASSES, matcher, weights, d.FOCAL_ALPHA, d.FOCAL_GAMMA),
+            "num_classes": d.NUM_CLASSES,
+            "num_select": d.NUM_SELECT,
+            "dn_number": d.DN_NUMBER,
+            "dn_label_noise_ratio": d.DN_LABEL_NOISE_RATIO,
+            "dn_box_noise_scale": d.DN_BOX_NOISE_SCALE,
+            "aux_loss": d.AUX_LOSS,
+            "enc_loss": d.ENC_LOSS,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalize the (C, H, W) images and pad them to the largest one (padding = 0)."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images)
+
+    @staticmethod
+    def padding_mask(images: ImageList) -> torch.Tensor:
+        """(N, H, W) bool, True at the padded pixels of the batch."""
+        n, _, h, w = images.tensor.shape
+        mask = torch.ones((n, h, w), dtype=torch.bool, device=images.tensor.device)
+        for i, (ih, iw) in enumerate(images.image_sizes):
+            mask[i, :ih, :iw] = False
+        return mask
+
+    def prepare_targets(self, gt_instances: List[Instances]) -> List[Dict[str, torch.Tensor]]:
+        """Per image ``labels`` (M,) and ``boxes`` (M, 4) cxcywh normalized by the image size."""
+        targets = []
+        for inst in gt_instances:
+            h, w = inst.image_size
+            scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = inst.gt_boxes.tensor.to(self.device) / scale
+            targets.append({"labels": inst.gt_classes.to(self.device),
+                            "boxes": box_convert(boxes, "xyxy", "cxcywh")})
+        return targets
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: Detectron2 format: per image ``image`` (C, H, W) in the model's input
+                format, ``instances`` (training), optional ``height`` / ``width`` of the output.
+        Returns:
+            training: dict of weighted losses; eval: per image ``{"instances": Instances}`` with
+            ``pred_boxes``, ``scores``, ``pred_classes`` in the output resolution.
+        """
+        images = self.preprocess_image(batched_inputs)
+        targets = None
+        dn = None
+        if self.training:
+            if any("instances" not in x for x in batched_inputs):
+                raise ValueError("DinoDetr: training inputs need 'instances' (ground truth) for every image")
+            targets = self.prepare_targets([x["instances"] for x in batched_inputs])
+            dn = self.contrastive_denoising(targets)
+        outputs = self.predict(images, dn)
+        if self.training:
+            return self.losses(outputs, targets, dn)
+        return self.inference(outputs, images.image_sizes, batched_inputs)
+
+    def contrastive_denoising(self, targets) -> Optional[DenoisingQueries]:
+        """Denoising queries of this batch (None when disabled or when it has no box)."""
+        return contrastive_denoising(
+            [t["labels"] for t in targets], [t["boxes"] for t in targets], self.label_enc,
+            num_queries=self.transformer.num_queries, dn_number=self.dn_number,
+            label_noise_ratio=self.dn_label_noise_ratio, box_noise_scale=self.dn_box_noise_scale,
+            num_classes=self.num_classes,
+        )
+
+    def predict(self, images: ImageList, dn: Optional[DenoisingQueries] = None) -> Dict[str, object]:
+        """Runs the network.
+
+        Returns:
+            ``layers``: per decoder layer ``{pred_logits (N, K, classes), pred_boxes (N, K, 4)}``
+            for the K matching queries (last layer last); ``enc``: the selected encoder
+            proposals' predictions; ``dn_layers``: per layer predictions of the P denoising
+            queries (empty without denoising). Boxes are normalized cxcywh.
+        """
+        features = self.backbone(images.tensor)
+        srcs, masks = self.input_proj([features[f] for f in self.in_features], self.padding_mask(images))
+        pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
+        if dn is None:
+            out = self.transformer(srcs, masks, pos)
+        else:
+            out = self.transformer(srcs, masks, pos, dn.tgt, dn.anchors_unsig, dn.attn_mask)
+        pad = 0 if dn is None else dn.pad_size
+        layers, dn_layers = [], []
+        for class_head, box_head, hidden, reference in zip(self.class_embed, self.bbox_embed, out["hidden"],
+                                                          out["boxes"][:-1]):
+            logits = class_head(hidden)
+            boxes = look_forward_twice(box_head, hidden, reference)
+            layers.append({"pred_logits": logits[:, pad:], "pred_boxes": boxes[:, pad:]})
+            dn_layers.append({"pred_logits": logits[:, :pad], "pred_boxes": boxes[:, :pad]})
+        return {
+            "layers": layers,
+            "enc": {"pred_logits": out["enc_logits"], "pred_boxes": out["enc_boxes"]},
+            "dn_layers": dn_layers if pad else [],
+        }
+
+    def losses(self, outputs, targets, dn: Optional[DenoisingQueries]) -> Dict[str, torch.Tensor]:
+        """Matching losses (last layer, auxiliary layers, encoder) plus denoising losses."""
+        layers = outputs["layers"] if self.aux_loss else outputs["layers"][-1:]
+        if dn is None:
+            losses = self.criterion(layers, targets, enc_outputs=outputs["enc"] if self.enc_loss else None)
+            # Same keys in every iteration and on every worker; keeps `label_enc` in the graph (DDP).
+            zero = self.label_enc.weight.sum() * 0.0
+            losses.update(self.criterion.dn_placeholder(len(layers), zero))
+            return losses
+        dn_layers = outputs["dn_layers"] if self.aux_loss else outputs["dn_layers"][-1:]
+        return self.criterion(
+            layers, targets, enc_outputs=outputs["enc"] if self.enc_loss else None, dn_outputs=dn_layers,
+            dn_indices=dn_positive_indices([len(t["labels"]) for t in targets], dn), dn_num_groups=dn.num_groups,
+        )
+
+    def inference(self, outputs, image_sizes, batched_inputs) -> List[Dict[str, Instances]]:
+        """Top ``num_select`` (query, class) pairs by sigmoid score, boxes in the output size."""
+        logits = outputs["layers"][-1]["pred_logits"]
+        boxes = outputs["layers"][-1]["pred_boxes"]
+        scores, index = logits.sigmoid().flatten(1).topk(self.num_select, dim=1)
+        classes = index % self.num_classes
+        boxes = torch.gather(box_convert(boxes, "cxcywh", "xyxy"), 1,
+                             (index // self.num_classes)[..., None].expand(-1, -1, 4))
+        results = []
+        for i, (h, w) in enumerate(image_sizes):
+            inst = Instances((h, w))
+            inst.pred_boxes = Boxes(boxes[i] * torch.as_tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device))
+            inst.scores = scores[i]
+            inst.pred_classes = classes[i]
+            out_h = batched_inputs[i].get("height", h)
+            out_w = batched_inputs[i].get("width", w)
+            results.append({"instances": detector_postprocess(inst, out_h, out_w)})
+        return results
