@@ -38,7 +38,7 @@ $(VENV)/.detectron2: tools/install_detectron2.py $(VENV)/.deps
 	$(PY) tools/install_detectron2.py
 	touch $@
 
-$(EXT): setup.py $(wildcard dino_detr/csrc/*) $(VENV)/.deps
+$(EXT): setup.py $(wildcard dino_detr/csrc/*.* dino_detr/csrc/*/*.*) $(VENV)/.deps
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 

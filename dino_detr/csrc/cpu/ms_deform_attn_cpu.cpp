@@ -99,43 +99,60 @@ struct Problem {
   MSDASizes s;
 };
 
+// Issues prefetches for the D channels of a sample's corners (kWrite: for a read-modify-write).
+// The samples of one (query, head) are independent random reads; prefetching all of them
+// before using any keeps many cache misses in flight instead of one at a time.
+template <int kWrite, typename T>
+inline void prefetch_corners(const Bilinear<T>& b, const T* base, int64_t D) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int c = 0; c < 4; ++c) {
+    if (!b.valid[c]) continue;
+    for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(base + b.offset[c] + d, kWrite, 3);
+  }
+}
+
 // Output rows [begin, end) of the flattened (N * Lq) query axis. kD > 0 fixes D at compile time.
 template <typename T, int kD>
 DINO_DETR_MULTIVERSION void forward_rows(const Problem<T>& pb, T* out, int64_t begin, int64_t end) {
   const MSDASizes& s = pb.s;
   const int64_t D = kD > 0 ? kD : s.channels;
   const int64_t stride = s.heads * D;  // between two spatial positions of one head
+  const int64_t samples = s.levels * s.points;
+  std::vector<Bilinear<T>> bilinear(samples);
+  std::vector<char> touches(samples);
   for (int64_t row = begin; row < end; ++row) {
     const T* value_n = pb.value + (row / s.queries) * s.spatial * stride;
     for (int64_t m = 0; m < s.heads; ++m) {
       const int64_t qm = row * s.heads + m;
+      const T* loc = pb.locations + qm * samples * 2;
+      const T* attn = pb.weights + qm * samples;
+      for (int64_t i = 0; i < samples; ++i) {
+        const Level& level = pb.levels[i / s.points];
+        touches[i] = bilinear[i].init(loc[2 * i], loc[2 * i + 1], level, stride);
+        if (touches[i]) prefetch_corners<0>(bilinear[i], value_n + level.start * stride + m * D, D);
+      }
       T* __restrict__ acc = out + qm * D;
       for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
-      const T* loc = pb.locations + qm * s.levels * s.points * 2;
-      const T* attn = pb.weights + qm * s.levels * s.points;
-      for (int64_t l = 0; l < s.levels; ++l) {
-        const Level& level = pb.levels[l];
-        const T* value_l = value_n + level.start * stride + m * D;
-        for (int64_t p = 0; p < s.points; ++p, loc += 2, ++attn) {
-          Bilinear<T> b;
-          if (!b.init(loc[0], loc[1], level, stride)) continue;
-          const T a = *attn;
-          if (b.all_valid) {
-            const T w0 = a * b.weight[0], w1 = a * b.weight[1], w2 = a * b.weight[2], w3 = a * b.weight[3];
-            const T* __restrict__ v0 = value_l + b.offset[0];
-            const T* __restrict__ v1 = value_l + b.offset[1];
-            const T* __restrict__ v2 = value_l + b.offset[2];
-            const T* __restrict__ v3 = value_l + b.offset[3];
+      for (int64_t i = 0; i < samples; ++i) {
+        if (!touches[i]) continue;
+        const Bilinear<T>& b = bilinear[i];
+        const T* value_l = value_n + pb.levels[i / s.points].start * stride + m * D;
+        const T a = attn[i];
+        if (b.all_valid) {
+          const T w0 = a * b.weight[0], w1 = a * b.weight[1], w2 = a * b.weight[2], w3 = a * b.weight[3];
+          const T* __restrict__ v0 = value_l + b.offset[0];
+          const T* __restrict__ v1 = value_l + b.offset[1];
+          const T* __restrict__ v2 = value_l + b.offset[2];
+          const T* __restrict__ v3 = value_l + b.offset[3];
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) acc[d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d];
-          } else {
-            for (int c = 0; c < 4; ++c) {
-              if (!b.valid[c]) continue;
-              const T w = a * b.weight[c];
-              const T* __restrict__ v = value_l + b.offset[c];
+          for (int64_t d = 0; d < D; ++d) acc[d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d];
+        } else {
+          for (int c = 0; c < 4; ++c) {
+            if (!b.valid[c]) continue;
+            const T w = a * b.weight[c];
+            const T* __restrict__ v = value_l + b.offset[c];
 #pragma omp simd
-              for (int64_t d = 0; d < D; ++d) acc[d] += w * v[d];
-            }
+            for (int64_t d = 0; d < D; ++d) acc[d] += w * v[d];
           }
         }
       }
@@ -152,6 +169,8 @@ DINO_DETR_MULTIVERSION void backward_head(const Problem<T>& pb, const T* grad_ou
   const int64_t stride = s.heads * D;
   const int64_t head_offset = n * s.spatial * stride + m * D;
   const int64_t samples = s.levels * s.points;
+  std::vector<Bilinear<T>> bilinear(samples);
+  std::vector<char> touches(samples);
   for (int64_t q = 0; q < s.queries; ++q) {
     const int64_t qm = (n * s.queries + q) * s.heads + m;
     const T* __restrict__ g = grad_out + qm * D;
@@ -159,12 +178,22 @@ DINO_DETR_MULTIVERSION void backward_head(const Problem<T>& pb, const T* grad_ou
     const T* attn = pb.weights + qm * samples;
     T* g_loc = grad_loc + qm * samples * 2;
     T* g_attn = grad_attn + qm * samples;
+    for (int64_t i = 0; i < samples; ++i) {
+      const Level& level = pb.levels[i / s.points];
+      touches[i] = bilinear[i].init(loc[2 * i], loc[2 * i + 1], level, stride);
+      if (touches[i]) {
+        const int64_t level_offset = head_offset + level.start * stride;
+        prefetch_corners<0>(bilinear[i], pb.value + level_offset, D);
+        prefetch_corners<1>(bilinear[i], grad_value + level_offset, D);
+      }
+    }
+    int64_t i = 0;
     for (int64_t l = 0; l < s.levels; ++l) {
       const Level& level = pb.levels[l];
       const int64_t level_offset = head_offset + level.start * stride;
-      for (int64_t p = 0; p < s.points; ++p, loc += 2, ++attn, g_loc += 2, ++g_attn) {
-        Bilinear<T> b;
-        if (!b.init(loc[0], loc[1], level, stride)) continue;  // gradients stay 0
+      for (int64_t p = 0; p < s.points; ++p, ++i, ++attn, g_loc += 2, ++g_attn) {
+        if (!touches[i]) continue;  // gradients stay 0
+        const Bilinear<T>& b = bilinear[i];
         const T a = *attn;
         T dot[4] = {T(0), T(0), T(0), T(0)};  // <grad_out, corner value>
         if (b.all_valid) {
