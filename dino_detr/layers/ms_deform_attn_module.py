@@ -83,17 +83,19 @@ class MSDeformAttn(nn.Module):
         m, l, p = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(value)
         if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
+            value.masked_fill_(padding_mask[..., None], 0.0)  # in place: value_proj's output is ours
         value = value.view(n, value.shape[1], m, self.embed_dim // m)
         offsets = self.sampling_offsets(query).view(n, num_queries, m, l, p, 2)
         weights = self.attention_weights(query).view(n, num_queries, m, l * p).softmax(-1)
         weights = weights.view(n, num_queries, m, l, p)
-        refs = reference_points[:, :, None, :, None, :]  # (N, Lq, 1, L, 1, 2 or 4)
+        # Sampling locations in one fused pass: reference + offsets * scale.
         if reference_points.shape[-1] == 2:
-            size_wh = spatial_shapes.flip(-1).to(offsets.dtype)  # (L, 2) as (W, H)
-            locations = refs + offsets / size_wh[:, None, :]
+            refs = reference_points[:, :, None, :, None, :]  # (N, Lq, 1, L, 1, 2)
+            scale = 1.0 / spatial_shapes.flip(-1).to(offsets.dtype)[:, None, :]  # (L, 1, 2): 1 / (W, H)
         else:
-            locations = refs[..., :2] + offsets * (0.5 / p) * refs[..., 2:]
+            refs = reference_points[:, :, None, :, None, :2]
+            scale = reference_points[:, :, None, :, None, 2:] * (0.5 / p)  # half the box size / P
+        locations = torch.addcmul(refs.to(offsets.dtype), offsets, scale.to(offsets.dtype))
         # One dtype for the op: under autocast the offsets are half while the reference
         # points stay float32; sample in the wider type.
         dtype = torch.promote_types(value.dtype, torch.promote_types(locations.dtype, weights.dtype))

@@ -42,7 +42,7 @@ class DeformableDecoderLayer(nn.Module):
             tgt, query_pos: (N, Q, C) content queries and their position embedding.
             reference_points: (N, Q, L, 4) normalized cxcywh boxes per level.
             memory: (N, S, C); spatial_shapes: (L, 2); level_start_index: (L,);
-            memory_padding_mask: (N, S) bool; self_attn_mask: (Q, Q) bool, True = blocked, or None.
+            memory_padding_mask: (N, S) bool or None; self_attn_mask: (Q, Q) bool, True = blocked, or None.
         Returns:
             (N, Q, C)
         """
@@ -52,7 +52,7 @@ class DeformableDecoderLayer(nn.Module):
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                memory_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attn))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
         return self.norm3(tgt + self.dropout4(ffn))
 
 

@@ -32,13 +32,13 @@ class DeformableEncoderLayer(nn.Module):
         Args:
             src, pos: (N, S, C) flattened features and their position (+ level) embedding.
             reference_points: (N, S, L, 2) normalized.
-            spatial_shapes: (L, 2); level_start_index: (L,); padding_mask: (N, S) bool.
+            spatial_shapes: (L, 2); level_start_index: (L,); padding_mask: (N, S) bool or None.
         Returns:
             (N, S, C)
         """
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(ffn))
 
 
@@ -78,7 +78,7 @@ class DeformableEncoder(nn.Module):
         """
         Args:
             src, pos: (N, S, C); spatial_shapes: (L, 2); level_start_index: (L,);
-            valid_ratios: (N, L, 2); padding_mask: (N, S) bool.
+            valid_ratios: (N, L, 2); padding_mask: (N, S) bool or None (no padding).
         Returns:
             memory (N, S, C)
         """

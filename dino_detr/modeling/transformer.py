@@ -138,12 +138,15 @@ class DeformableTransformer(nn.Module):
             tensors (N, P + K, 4)), ``enc_logits`` (N, K, classes), ``enc_boxes`` (N, K, 4).
         """
         src, padding_mask, pos, spatial_shapes, level_start_index, ratios = self.flatten_levels(srcs, masks, pos_embeds)
-        memory = self.encoder(src, pos, spatial_shapes, level_start_index, ratios, padding_mask)
+        # Without padding (e.g. one image, or equal sizes) the attentions skip masking altogether.
+        attn_padding_mask = padding_mask if bool(padding_mask.any()) else None
+        memory = self.encoder(src, pos, spatial_shapes, level_start_index, ratios, attn_padding_mask)
         tgt, anchors_unsig, enc_logits, enc_boxes = self.mixed_query_selection(memory, padding_mask, spatial_shapes)
         if dn_tgt is not None:
             tgt = torch.cat([dn_tgt, tgt], 1)
             anchors_unsig = torch.cat([dn_anchors_unsig, anchors_unsig], 1)
         hidden, boxes = self.decoder(
-            tgt, anchors_unsig.sigmoid(), memory, spatial_shapes, level_start_index, ratios, padding_mask, attn_mask
+            tgt, anchors_unsig.sigmoid(), memory, spatial_shapes, level_start_index, ratios, attn_padding_mask,
+            attn_mask,
         )
         return {"hidden": hidden, "boxes": boxes, "enc_logits": enc_logits, "enc_boxes": enc_boxes}
