@@ -25,6 +25,7 @@ from detectron2.structures import Boxes, Instances
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from dino_detr import add_dino_config  # noqa: E402  (registers DINO)
 from dino_detr.analysis import PUBLISHED_AP, count_flops, measure_inference, measure_training  # noqa: E402
+from dino_detr.utils import reuse_freed_cpu_memory  # noqa: E402
 
 
 def machine_name(device):
@@ -95,6 +96,8 @@ def reference_ms_deform_attn():
 
 def benchmark(args):
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    # Same allocator setting for every model and both MSDA implementations (see cpu_allocator.py).
+    allocator_tuned = args.device == "cpu" and reuse_freed_cpu_memory()
     device = torch.device(args.device)
     cfg, config_file = load_cfg(args.config_file, args.device, args.opts)
     torch.manual_seed(0)
@@ -107,6 +110,8 @@ def benchmark(args):
         "device": args.device,
         "torch": torch.__version__,
         "amp": args.amp,
+        "threads": torch.get_num_threads(),
+        "cpu_allocator_reuse": allocator_tuned,
         "input": [h, w],
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "published_ap": PUBLISHED_AP.get(model_key(config_file), []),
