@@ -78,6 +78,8 @@ def _add_model_config(cfg):
     d.POSITION_EMBEDDING = "sine"
     d.PE_TEMPERATURE_H = 20
     d.PE_TEMPERATURE_W = 20
+    # Added to the pixel index of the sine embedding: 0 (official DINO), -0.5 (detrex).
+    d.PE_OFFSET = 0.0
     # Contrastive denoising
     d.DN_NUMBER = 100
     d.DN_LABEL_NOISE_RATIO = 0.5

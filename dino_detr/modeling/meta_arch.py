@@ -128,7 +128,7 @@ class DinoDetr(nn.Module):
             "input_proj": InputProjection([shapes[f].channels for f in d.IN_FEATURES], d.HIDDEN_DIM,
                                           d.NUM_FEATURE_LEVELS),
             "position_embedding": build_position_embedding(
-                d.POSITION_EMBEDDING, d.HIDDEN_DIM, d.PE_TEMPERATURE_H, d.PE_TEMPERATURE_W
+                d.POSITION_EMBEDDING, d.HIDDEN_DIM, d.PE_TEMPERATURE_H, d.PE_TEMPERATURE_W, d.PE_OFFSET
             ),
             "class_embed": class_embed,
             "bbox_embed": bbox_embed,

@@ -20,18 +20,22 @@ def _sine_features(coords: torch.Tensor, num_feats: int, temperature: float) -> 
 
 class PositionEmbeddingSineHW(nn.Module):
     """DINO's ``SineHW`` embedding of a padded feature map: cumulative valid-pixel
-    coordinates, normalized to ``(0, 2*pi]`` over the valid region, then sine features with
-    temperature ``temperature_h`` for y and ``temperature_w`` for x, y features first.
+    coordinates (plus ``offset``), normalized to ``(0, 2*pi]`` over the valid region, then sine
+    features with temperature ``temperature_h`` for y and ``temperature_w`` for x, y features first.
 
     Args:
         num_pos_feats: features per axis (half the hidden dim).
+        offset: added to the 1-based pixel index before normalizing (0 in official DINO;
+            detrex's models use -0.5, i.e. pixel centres).
     """
 
-    def __init__(self, num_pos_feats: int = 128, temperature_h: float = 20, temperature_w: float = 20):
+    def __init__(self, num_pos_feats: int = 128, temperature_h: float = 20, temperature_w: float = 20,
+                 offset: float = 0.0):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature_h = temperature_h
         self.temperature_w = temperature_w
+        self.offset = offset
         self.scale = 2 * math.pi
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
@@ -40,8 +44,8 @@ class PositionEmbeddingSineHW(nn.Module):
         y_embed = not_mask.cumsum(1, dtype=torch.float32)
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         eps = 1e-6
-        y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-        x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+        y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+        x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         pos_y = _sine_features(y_embed, self.num_pos_feats, self.temperature_h)
         pos_x = _sine_features(x_embed, self.num_pos_feats, self.temperature_w)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
@@ -85,10 +89,11 @@ def box_sine_embedding(boxes: torch.Tensor, num_feats: int = 128, temperature: f
     return torch.cat(feats, dim=-1)
 
 
-def build_position_embedding(kind: str, hidden_dim: int, temperature_h: float, temperature_w: float) -> nn.Module:
+def build_position_embedding(kind: str, hidden_dim: int, temperature_h: float, temperature_w: float,
+                             offset: float = 0.0) -> nn.Module:
     """``kind`` in {"sine", "learned"}; each axis gets ``hidden_dim // 2`` features."""
     if kind == "sine":
-        return PositionEmbeddingSineHW(hidden_dim // 2, temperature_h, temperature_w)
+        return PositionEmbeddingSineHW(hidden_dim // 2, temperature_h, temperature_w, offset)
     if kind == "learned":
         return PositionEmbeddingLearned(hidden_dim // 2)
     raise ValueError(f"MODEL.DINO.POSITION_EMBEDDING must be 'sine' or 'learned', got {kind!r}")
