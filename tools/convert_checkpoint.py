@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Convert a published DINO checkpoint into a Detectron2 checkpoint of this project's model.
+
+    python tools/convert_checkpoint.py --source official checkpoint0011_4scale.pth dino_r50_4scale_12ep.pth
+    python tools/convert_checkpoint.py --source detrex dino_r50_4scale_12ep_49_2AP.pth dino_detrex_r50_4scale.pth
+
+The classifier rows are remapped to Detectron2's 80 contiguous COCO classes (``--classes coco80``,
+what ``coco_2017_val`` evaluation needs) or kept as stored (``--classes source``: 91 COCO ids for
+official checkpoints). The converted weights are loaded strictly into the model built from the
+matching config (unless ``--no-verify``), and the config file and options to use are printed.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from dino_detr.checkpoint import (  # noqa: E402
+    CLASS_LAYOUTS,
+    SOURCES,
+    check_against_model,
+    convert_state_dict,
+    load_source_state_dict,
+    save_detectron2_checkpoint,
+)
+
+REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def build_cfg(config_file: str, opts):
+    from detectron2.config import get_cfg
+
+    from dino_detr import add_dino_config
+
+    cfg = get_cfg()
+    add_dino_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def changed_opts(conversion, config_file: str):
+    """The inferred config keys whose value differs from ``config_file``."""
+    cfg = build_cfg(config_file, [])
+    opts = []
+    for key, value in conversion.config.items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if (list(node) if isinstance(node, (list, tuple)) else node) != value:
+            opts += [key, str(value).replace(" ", "")]
+    return opts
+
+
+def verify(conversion, config_file: str, opts) -> None:
+    """Builds the model of ``config_file`` + ``opts`` and checks names and shapes one by one."""
+    from detectron2.modeling import build_model
+
+    check_against_model(conversion.state_dict, build_model(build_cfg(config_file, opts)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, choices=SOURCES, help="who published the checkpoint")
+    parser.add_argument("input", help="source checkpoint (.pth)")
+    parser.add_argument("output", help="Detectron2 checkpoint to write (.pth)")
+    parser.add_argument("--classes", default="coco80", choices=CLASS_LAYOUTS,
+                        help="coco80: Detectron2's contiguous COCO classes (default); source: rows as stored")
+    parser.add_argument("--config-file", default=None,
+                        help="config to verify against (default: the repository config matching the weights)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the strict load into a freshly built model")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load with torch.load(weights_only=False): only for trusted files the safe loader rejects")
+    args = parser.parse_args(argv)
+
+    conversion = convert_state_dict(load_source_state_dict(args.input, args.allow_pickle), args.source, args.classes)
+    config_file = args.config_file or os.path.join(REPO, conversion.base_config)
+    opts = changed_opts(conversion, config_file)
+    if not args.no_verify:
+        verify(conversion, config_file, opts)
+    save_detectron2_checkpoint(conversion.state_dict, args.output)
+
+    print(f"wrote {args.output}: {len(conversion.state_dict)} tensors"
+          f"{'' if args.no_verify else ', strict load into the model verified'}")
+    for note in conversion.notes:
+        print(f"  - {note}")
+    print("evaluate with:")
+    shown = os.path.relpath(config_file, REPO)
+    shown = config_file if shown.startswith("..") else shown
+    print(f"  python tools/train_net.py --config-file {shown} --eval-only "
+          f"MODEL.WEIGHTS {args.output} {' '.join(opts)}".rstrip())
+
+
+if __name__ == "__main__":
+    main()
