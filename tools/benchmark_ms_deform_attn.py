@@ -76,24 +76,12 @@ def make_inputs(case: str, batch: int, device: str, dtype):
             (value, shapes, starts, loc, weights)]
 
 
-def rss_kib(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (Linux), in KiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def reset_peak_rss() -> int:
-    """Resets the peak resident size (VmHWM) to the current one and returns it (KiB)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return rss_kib("VmRSS")
-
-
 def run_case(impl: str, case: str, batch: int, backward: bool, device: str, dtype_name: str, repeats: int,
              threads: int) -> dict:
     """One measurement in this process: median seconds and peak memory in MiB."""
     import torch
 
+    from dino_detr.analysis.measure import reset_peak_memory, rss_kib
     from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference
 
     torch.set_num_threads(threads)
@@ -119,7 +107,8 @@ def run_case(impl: str, case: str, batch: int, backward: bool, device: str, dtyp
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = reset_peak_rss()
+        reset_peak_memory(torch.device("cpu"))
+        base = rss_kib("VmRSS")
     step()  # warm-up (its peak memory is the one reported)
     sync()
     if device == "cuda":

@@ -1,5 +1,4 @@
 """Latency and peak-memory measurement of a Detectron2 model on the CPU or a GPU."""
-import resource
 import statistics
 import time
 
@@ -12,11 +11,26 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def rss_kib(field: str = "VmRSS") -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_memory(device):
+    """Start a new peak: CUDA's allocator statistics, or the process's peak resident size (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
 def _peak_mib(device):
-    """Peak memory so far: allocated GPU memory on CUDA, process peak resident set size on the CPU."""
+    """Peak since the last reset: allocated GPU memory on CUDA, the process's resident set size on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rss_kib("VmHWM") / 1024
 
 
 def _timed(fn, device, warmup, repeats):
@@ -35,13 +49,12 @@ def _timed(fn, device, warmup, repeats):
 def measure_inference(model, inputs, warmup=1, repeats=5, amp=False):
     """Median latency (s) of ``model(inputs)`` in eval mode under no_grad, and peak memory (MiB).
 
-    On CUDA the memory is ``max_memory_allocated`` during the timed calls; on the CPU it is the peak
-    resident set size of the whole process (weights and Python included), the number a user sees.
+    On CUDA the memory is ``max_memory_allocated`` during the calls; on the CPU it is the peak resident
+    set size of the whole process during the calls (weights and Python included), the number a user sees.
     """
     device = next(model.parameters()).device
     model.eval()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
 
     def step():
         with torch.no_grad(), torch.autocast(device.type, enabled=amp):
@@ -61,8 +74,7 @@ def measure_training(model, inputs, warmup=1, repeats=3, amp=False):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
 
     def step():
         with torch.autocast(device.type, enabled=amp):
