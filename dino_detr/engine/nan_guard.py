@@ -1,0 +1,45 @@
+"""Guards against non-finite training: stop before a non-finite update is applied, and
+never write non-finite weights to a checkpoint."""
+import math
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.events import get_event_storage
+
+__all__ = ["check_finite_grad_norm", "FiniteCheckpointer"]
+
+
+def _current_iteration() -> str:
+    try:
+        return str(get_event_storage().iter)
+    except AssertionError:  # outside a training loop: no event storage
+        return "?"
+
+
+def check_finite_grad_norm(total_norm: torch.Tensor) -> None:
+    """Raise ``FloatingPointError`` when the total gradient norm is NaN or Inf.
+
+    Called before the optimizer applies an update, so the weights (and every checkpoint
+    written so far) keep their last finite values.
+    """
+    value = float(total_norm)
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"Non-finite gradient norm ({value}) at iteration {_current_iteration()}: the loss or a gradient "
+            "became NaN/Inf. Training stopped before applying the update; the last checkpoint in "
+            "OUTPUT_DIR holds the last finite weights. Lower SOLVER.BASE_LR, enable "
+            "SOLVER.CLIP_GRADIENTS or check the data."
+        )
+
+
+class FiniteCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that refuses to save a model holding NaN/Inf values."""
+
+    def save(self, name: str, **kwargs) -> None:
+        bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(
+                f"Refusing to save checkpoint '{name}': non-finite values in {bad[:5]}"
+                f"{' ...' if len(bad) > 5 else ''}; the previous checkpoints are kept."
+            )
+        super().save(name, **kwargs)

@@ -1,0 +1,106 @@
+"""``DinoTrainer``: Detectron2's ``DefaultTrainer`` with DINO's data, optimizer, EMA and
+safety hooks. Checkpointing, resume, periodic evaluation, metric printing and TensorBoard
+events are Detectron2's own."""
+import contextlib
+import logging
+import os
+import weakref
+
+from detectron2.data import build_detection_test_loader
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.evaluation import COCOEvaluator
+
+from dino_detr.data import DinoDatasetMapper
+
+from .ema import EMAHook, ModelEMA
+from .nan_guard import FiniteCheckpointer
+from .optimizer import build_dino_optimizer
+from .seeding import IterationSeedHook
+from .train_loader import build_dino_train_loader
+
+__all__ = ["DinoTrainer"]
+
+logger = logging.getLogger(__name__)
+
+# Detectron2 v0.6's DefaultTrainer checkpoints neither the optimizer nor the AMP grad scaler
+# (newer versions store the inner loop's state as "_trainer").
+_D2_CHECKPOINTS_LOOP_STATE = "state_dict" in vars(DefaultTrainer)
+
+
+class DinoTrainer(DefaultTrainer):
+    """Trains a DINO model configured by ``cfg`` (see ``tools/train_net.py``).
+
+    Additions to ``DefaultTrainer``: :class:`DinoDatasetMapper` loaders, AdamW with the
+    backbone multiplier and full-model clipping, a checkpointer that never writes NaN
+    weights, optional EMA (``MODEL_EMA``, stored as ``model_ema`` in checkpoints and used
+    for evaluation), per-iteration reseeding when ``SEED >= 0``, a data stream that
+    resumes where the interrupted run stopped, and optimizer (+ AMP scaler) state in
+    checkpoints also with Detectron2 v0.6.
+    """
+
+    def build_hooks(self):
+        # Runs at the end of DefaultTrainer.__init__, before the default hooks capture
+        # the checkpointer.
+        self.checkpointer = FiniteCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.ema = None
+        if self.cfg.MODEL_EMA.ENABLED:
+            self.ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY)
+            self.checkpointer.add_checkpointable("model_ema", self.ema)
+        default = super().build_hooks()
+        result = [IterationSeedHook(self.cfg.SEED)] if self.cfg.SEED >= 0 else []
+        for hook in default:
+            if isinstance(hook, hooks.EvalHook):
+                hook = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate)
+            result.append(hook)
+            if isinstance(hook, hooks.LRScheduler) and self.ema is not None:
+                result.append(EMAHook(self.ema))  # after the step, before checkpoint / eval
+        return result
+
+    def evaluate(self):
+        """Evaluates on ``DATASETS.TEST`` (with the EMA weights when enabled)."""
+        with self.ema.apply_to(self.model) if self.ema is not None else contextlib.nullcontext():
+            self._last_eval_results = self.test(self.cfg, self.model)
+        return self._last_eval_results
+
+    def resume_or_load(self, resume: bool = True):
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:
+            self._set_data_loader(self.build_train_loader(self.cfg, self.start_iter))
+
+    def state_dict(self):
+        state = super().state_dict()
+        if not _D2_CHECKPOINTS_LOOP_STATE:
+            state["_trainer"] = self._trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if not _D2_CHECKPOINTS_LOOP_STATE and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def _set_data_loader(self, data_loader):
+        """Replaces the loop's data loader (Detectron2 v0.6 creates its iterator eagerly,
+        newer versions lazily)."""
+        trainer = self._trainer
+        trainer.data_loader = data_loader
+        if "_data_loader_iter_obj" in vars(trainer):
+            trainer._data_loader_iter_obj = None
+        else:
+            trainer._data_loader_iter = iter(data_loader)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_dino_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg, start_iter: int = 0):
+        return build_dino_train_loader(cfg, start_iter)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DinoDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)

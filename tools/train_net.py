@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Train or evaluate DINO with Detectron2.
+
+    python tools/train_net.py --config-file configs/dino_r50_4scale.yaml
+    python tools/train_net.py --config-file configs/dino_r50_4scale.yaml --num-gpus 8
+    python tools/train_net.py --config-file configs/dino_r50_4scale.yaml --resume
+    python tools/train_net.py --config-file configs/dino_r50_4scale.yaml --eval-only MODEL.WEIGHTS model.pth
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+import dino_detr.data  # noqa: E402,F401  (registers the demo datasets)
+from dino_detr import add_dino_config  # noqa: E402
+from dino_detr.engine import DinoTrainer, FiniteCheckpointer, ModelEMA  # noqa: E402
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_dino_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def evaluate_checkpoint(cfg, resume: bool):
+    """Loads MODEL.WEIGHTS (or the last checkpoint with ``resume``) and evaluates it; with
+    MODEL_EMA.ENABLED the checkpoint's EMA weights are evaluated."""
+    model = DinoTrainer.build_model(cfg)
+    checkpointer = FiniteCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    ema = ModelEMA(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
+    if ema is not None:
+        checkpointer.add_checkpointable("model_ema", ema)
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    if ema is not None:
+        model.load_state_dict(ema.state_dict())
+    results = DinoTrainer.test(cfg, model)
+    if comm.is_main_process():
+        verify_results(cfg, results)
+    return results
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        return evaluate_checkpoint(cfg, args.resume)
+    trainer = DinoTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
