@@ -61,6 +61,14 @@ def model_key(config_file):
     return name
 
 
+def num_classes(cfg):
+    """Number of classes of a DINO or Detectron2 detector config."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "DinoDetr":
+        return cfg.MODEL.DINO.NUM_CLASSES
+    return cfg.MODEL.RETINANET.NUM_CLASSES if arch == "RetinaNet" else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
 def make_inputs(height, width, device, with_targets, num_classes=80, num_boxes=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     image = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8).float().to(device)
@@ -105,6 +113,7 @@ def benchmark(args):
     h, w = args.size
     result = {
         "config": args.config_file,
+        "command": " ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
         "model": model_key(config_file),
         "machine": machine_name(device),
         "device": args.device,
@@ -130,7 +139,8 @@ def benchmark(args):
         result["inference_reference_msda"] = ref
         result["speedup_vs_reference_msda"] = ref["latency_s"] / result["inference"]["latency_s"]
     if args.train:
-        train_inputs = make_inputs(h, w, device, with_targets=True) * args.train_batch
+        train_inputs = make_inputs(h, w, device, with_targets=True, num_classes=num_classes(cfg)) * args.train_batch
+        result["train_batch"] = args.train_batch
         result["training"] = measure_training(model, train_inputs, args.warmup, max(1, args.repeats // 2), args.amp)
     return result
 
@@ -138,12 +148,13 @@ def benchmark(args):
 def markdown_table(results):
     rows = [
         "| model | published COCO box AP | params (M) | GFLOPs | input | device | latency (s/img) | "
-        "peak mem (MiB) | train (s/iter) | machine |",
+        "peak mem (MiB) | train s/iter (peak MiB) | machine |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ap = ", ".join(f"{s} {a}" for s, a, _ in r["published_ap"]) or "-"
-        train = f"{r['training']['iter_s']:.2f}" if "training" in r else "-"
+        train = (f"{r['training']['iter_s']:.2f} ({r['training']['peak_mem_mib']:.0f}, batch {r.get('train_batch', '?')})"
+                 if "training" in r else "-")
         gflops = f"{r['gflops']:.0f}" if "gflops" in r else "-"
         lat = f"{r['inference']['latency_s']:.3f}"
         if "speedup_vs_reference_msda" in r:
@@ -156,6 +167,9 @@ def markdown_table(results):
             f"| {r['model']} | {ap} | {r['params_m']:.1f} | {gflops} | {r['input'][0]}x{r['input'][1]} | {dev} "
             f"| {lat} | {r['inference']['peak_mem_mib']:.0f} | {train} | {r['machine']} |"
         )
+    commands = [f"- {r['model']}: `{r['command']}`" for r in results if "command" in r]
+    if commands:
+        rows += ["", "Commands:", "", *commands]
     return "\n".join(rows)
 
 
