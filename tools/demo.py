@@ -17,6 +17,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import dino_detr.data  # noqa: E402,F401  (registers the demo datasets' class names)
 from dino_detr import add_dino_config  # noqa: E402
 from dino_detr.engine import list_images, visualize_predictions  # noqa: E402
+from dino_detr.utils import reuse_freed_cpu_memory  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -37,6 +38,8 @@ def main(argv=None):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    if cfg.MODEL.DEVICE == "cpu":
+        reuse_freed_cpu_memory()  # this process only runs the model: keep freed activations for reuse
     files = list_images(args.input)
     if not files:
         raise FileNotFoundError(f"no image files in {args.input}")
