@@ -93,17 +93,22 @@ def test_random_matching_fails_the_bar(dataset, tmp_path, monkeypatch):
     assert results["bbox"]["AP"] < AP_BAR
 
 
-def test_eval_only_reproduces_final_ap(trained):
-    """The ``--eval-only MODEL.WEIGHTS model_final.pth`` path of tools/train_net.py."""
+def test_eval_only_reproduces_final_ap(trained, tmp_path):
+    """``tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth`` (its main(), with
+    Detectron2's default_setup) reproduces the AP printed at the end of training."""
     cfg, results = trained
     sys.path.insert(0, str(REPO / "tools"))
     import train_net
+    from detectron2.engine import default_argument_parser
 
-    cfg = cfg.clone()
-    cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "eval_only")
-    again = train_net.evaluate_checkpoint(cfg, resume=False)
+    config_file = tmp_path / "trained.yaml"
+    config_file.write_text(cfg.dump())
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(config_file), "--eval-only", "MODEL.WEIGHTS",
+         os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval_only")])
+    again = train_net.main(args)
     assert again["bbox"]["AP"] == pytest.approx(results["bbox"]["AP"], abs=1e-6)
+    assert (tmp_path / "eval_only" / "config.yaml").is_file()  # written by default_setup
 
 
 def test_predictor_returns_instances_in_original_coordinates(trained, tmp_path):

@@ -25,15 +25,30 @@ SDIST_URL = (
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 PACKAGE_PREFIX = "pb1-detectron2-0.6/detectron2/"
 
+PLACEHOLDER_MARK = "Written by dino_detr's tools/install_detectron2.py."
 PLACEHOLDER_C = '''"""Placeholder for Detectron2's compiled ops, which this offline install does not build.
 
 Written by dino_detr's tools/install_detectron2.py. Any use of one of Detectron2's C++ ops
 (deformable conv, rotated boxes, the fast COCO evaluator, ...) raises an error naming it.
+The build-information functions that Detectron2's collect_env_info() (run by default_setup)
+asks for answer that nothing was built.
 """
 
 
 class MissingDetectron2Op(RuntimeError):
     pass
+
+
+def get_compiler_version():
+    return "not built (offline install of Detectron2's Python sources)"
+
+
+def get_cuda_version():
+    return "not built"
+
+
+def has_cuda():
+    return False
 
 
 def __getattr__(name):
@@ -80,9 +95,26 @@ def install(cache_dir, site_packages):
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             with open(dest, "wb") as f:
                 f.write(tar.extractfile(m).read())
-    with open(os.path.join(target, "_C.py"), "w") as f:
-        f.write(PLACEHOLDER_C)
+    write_placeholder(target)
     print(f"Installed Detectron2 v0.6 (Python sources, no C++ ops) into {target}")
+
+
+def write_placeholder(package_dir):
+    with open(os.path.join(package_dir, "_C.py"), "w") as f:
+        f.write(PLACEHOLDER_C)
+
+
+def refresh_placeholder(package_dir) -> bool:
+    """Rewrite an earlier version of this script's placeholder; never touches a real build."""
+    path = os.path.join(package_dir, "_C.py")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        current = f.read()
+    if PLACEHOLDER_MARK not in current or current == PLACEHOLDER_C:
+        return False
+    write_placeholder(package_dir)
+    return True
 
 
 def main():
@@ -94,6 +126,8 @@ def main():
         import detectron2
 
         print(f"detectron2 {detectron2.__version__} already importable from {detectron2.__path__[0]}")
+        if refresh_placeholder(detectron2.__path__[0]):
+            print("updated its placeholder detectron2._C")
         return
     install(args.cache_dir, sysconfig.get_paths()["purelib"])
 
