@@ -69,5 +69,10 @@ class HungarianMatcher(nn.Module):
                                                    box_convert(gt_boxes, "cxcywh", "xyxy"))
         )
         cost = cost.view(n, q, -1).float().cpu()
+        if not torch.isfinite(cost).all():
+            raise FloatingPointError(
+                "HungarianMatcher: non-finite (NaN/Inf) matching costs, i.e. the predictions diverged. "
+                "Lower SOLVER.BASE_LR, keep SOLVER.CLIP_GRADIENTS enabled, or check the data."
+            )
         sizes = [len(t["boxes"]) for t in targets]
         return [assign(c[b]) for b, c in enumerate(cost.split(sizes, -1))]
