@@ -105,7 +105,7 @@ def test_matcher_prefers_the_right_query():
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
     (rows, cols), = HungarianMatcher()({"pred_logits": logits, "pred_boxes": boxes}, empty)
     assert len(rows) == len(cols) == 0
-    logits[0, 1, 0] = float("nan")  # a diverged prediction: a clear error, not scipy's
+    logits[0, 1, 3] = float("nan")  # a diverged prediction: a clear error, not scipy's
     with pytest.raises(FloatingPointError, match="non-finite"):
         HungarianMatcher()({"pred_logits": logits, "pred_boxes": boxes}, targets)
 
