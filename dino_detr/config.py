@@ -5,6 +5,7 @@ Defaults are the official DINO-4scale R50 12-epoch settings (IDEA-Research/DINO,
 """
 import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_dino_config(cfg):
@@ -19,6 +20,16 @@ def add_dino_config(cfg):
     _add_model_config(cfg)
     _add_solver_config(cfg)
     _add_input_config(cfg)
+
+
+def get_dino_cfg(config_file, opts=()):
+    """Detectron2's default config with the DINO keys, then ``config_file`` and the
+    ``KEY VALUE`` overrides ``opts`` merged in (not frozen)."""
+    cfg = get_cfg()
+    add_dino_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def check_dino_config(cfg):

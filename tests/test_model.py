@@ -6,22 +6,18 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
-from dino_detr import add_dino_config
+from dino_detr import get_dino_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "dino_r*.yaml")))
 
 
 def load_cfg(path=os.path.join(REPO, "configs", "dino_r50_4scale.yaml"), opts=()):
-    cfg = get_cfg()
-    add_dino_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
+    cfg = get_dino_cfg(path, opts)
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 

@@ -2,10 +2,9 @@
 import os
 from pathlib import Path
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
-from dino_detr import add_dino_config
+from dino_detr import get_dino_cfg
 from dino_detr.data import DemoSpec, ensure_demo_dataset, register_dino_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,9 +23,7 @@ def ci_dataset(root: os.PathLike) -> str:
 
 def ci_cfg(output_dir, max_iter: int, **overrides):
     """configs/dino_demo.yaml reduced for CI: 128 px inputs, fewer queries, CPU, seeded."""
-    cfg = get_cfg()
-    add_dino_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "dino_demo.yaml"))
+    cfg = get_dino_cfg(REPO / "configs" / "dino_demo.yaml")
     cfg.MODEL.DEVICE = "cpu"
     cfg.DATASETS.TRAIN = ("dino_ci_train",)
     cfg.DATASETS.TEST = ("dino_ci_train",)

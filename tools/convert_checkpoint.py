@@ -28,14 +28,9 @@ REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 
 
 def build_cfg(config_file: str, opts):
-    from detectron2.config import get_cfg
+    from dino_detr import get_dino_cfg
 
-    from dino_detr import add_dino_config
-
-    cfg = get_cfg()
-    add_dino_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = get_dino_cfg(config_file, opts)
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 

@@ -10,12 +10,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dino_detr.data  # noqa: E402,F401  (registers the demo datasets' class names)
-from dino_detr import add_dino_config  # noqa: E402
+from dino_detr import get_dino_cfg  # noqa: E402
 from dino_detr.engine import list_images, visualize_predictions  # noqa: E402
 from dino_detr.utils import reuse_freed_cpu_memory  # noqa: E402
 
@@ -33,10 +32,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="dino_detr")
-    cfg = get_cfg()
-    add_dino_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_dino_cfg(args.config_file, args.opts)
     cfg.freeze()
     if cfg.MODEL.DEVICE == "cpu":
         reuse_freed_cpu_memory()  # this process only runs the model: keep freed activations for reuse

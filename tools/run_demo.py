@@ -15,13 +15,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dino_detr.data  # noqa: E402,F401  (registers dino_demo_train / dino_demo_val)
-from dino_detr import add_dino_config  # noqa: E402
+from dino_detr import get_dino_cfg  # noqa: E402
 from dino_detr.data import ensure_demo_dataset  # noqa: E402
 from dino_detr.engine import DinoTrainer, list_images, visualize_predictions  # noqa: E402
 
@@ -39,10 +38,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = get_cfg()
-    add_dino_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_dino_cfg(args.config_file, args.opts)
     cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)

@@ -11,21 +11,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 import dino_detr.data  # noqa: E402,F401  (registers the demo datasets)
-from dino_detr import add_dino_config  # noqa: E402
+from dino_detr import get_dino_cfg  # noqa: E402
 from dino_detr.engine import DinoTrainer, FiniteCheckpointer, ModelEMA  # noqa: E402
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_dino_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_dino_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
