@@ -11,6 +11,7 @@ from torchvision.ops import box_convert
 
 from dino_detr.modeling.decoder import DeformableDecoder, DeformableDecoderLayer, look_forward_twice
 from dino_detr.modeling.denoising import contrastive_denoising, denoising_attn_mask, dn_positive_indices
+from dino_detr.modeling.encoder import DeformableEncoder, DeformableEncoderLayer
 from dino_detr.modeling.heads import make_box_head
 from dino_detr.modeling.matcher import HungarianMatcher, assign
 from dino_detr.modeling.position_encoding import PositionEmbeddingSineHW, box_sine_embedding
@@ -158,3 +159,28 @@ def test_sine_embeddings():
     expected = torch.tensor([math.sin(0.2 * 2 * math.pi), math.cos(0.2 * 2 * math.pi),
                              math.sin(0.1 * 2 * math.pi), math.cos(0.1 * 2 * math.pi)])
     torch.testing.assert_close(emb[0, :4], expected, atol=1e-6, rtol=0)
+
+
+def test_encoder_cpu_slices_match_one_pass():
+    """CPU inference with the FFN in token slices (a size that does not divide S, padded
+    batch) gives what one pass gives; with autograd the encoder ignores the slicing."""
+    torch.manual_seed(0)
+    shapes = torch.tensor([[12, 10], [6, 5], [3, 3], [2, 2]])
+    start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
+    s = int(shapes.prod(1).sum())
+    src, pos = torch.randn(2, s, 32), torch.randn(2, s, 32)
+    padding = torch.zeros(2, s, dtype=torch.bool)
+    padding[1, 9 * 10:start[1]] = True  # image 2: three padded rows at level 0
+    ratios = torch.tensor([[[1.0, 1.0]] * 4, [[1.0, 0.75]] * 4])
+    encoder = DeformableEncoder(DeformableEncoderLayer(32, 64, 0.0, 4, 4, 2), 2, cpu_chunk_size=17).eval()
+    with torch.no_grad():
+        sliced = encoder(src, pos, shapes, start, ratios, padding)
+        encoder.cpu_chunk_size = 0
+        whole = encoder(src, pos, shapes, start, ratios, padding)
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
+    calls = []
+    encoder.layers[0].register_forward_pre_hook(lambda module, args: calls.append(args[-1]))
+    encoder.cpu_chunk_size = 17
+    src.requires_grad_(True)
+    encoder(src, pos, shapes, start, ratios, padding).sum().backward()
+    assert calls == [0] and src.grad.abs().sum() > 0

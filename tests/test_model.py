@@ -88,6 +88,7 @@ def test_parameter_count_matches_official():
         (["MODEL.DINO.POSITION_EMBEDDING", "cosine"], "MODEL.DINO.POSITION_EMBEDDING"),
         (["MODEL.DINO.IN_FEATURES", ["res3", "res6"]], "MODEL.DINO.IN_FEATURES"),
         (["MODEL.DINO.NUM_SELECT", 10**6], "MODEL.DINO.NUM_SELECT"),
+        (["MODEL.DINO.ENCODER_CPU_CHUNK_SIZE", -1], "MODEL.DINO.ENCODER_CPU_CHUNK_SIZE"),
     ],
 )
 def test_bad_config_names_the_key(opts, key):

@@ -10,6 +10,11 @@ from .ms_deform_attn import ms_deform_attn
 __all__ = ["MSDeformAttn"]
 
 
+def _per_point(x: torch.Tensor, num_points: int) -> torch.Tensor:
+    """(..., L, 1, 2) -> (..., L * num_points * 2): each level's pair repeated per point."""
+    return x.expand(*x.shape[:-2], num_points, 2).reshape(*x.shape[:-3], -1)
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention.
 
@@ -85,17 +90,21 @@ class MSDeformAttn(nn.Module):
         if padding_mask is not None:
             value.masked_fill_(padding_mask[..., None], 0.0)  # in place: value_proj's output is ours
         value = value.view(n, value.shape[1], m, self.embed_dim // m)
-        offsets = self.sampling_offsets(query).view(n, num_queries, m, l, p, 2)
+        offsets = self.sampling_offsets(query)
         weights = self.attention_weights(query).view(n, num_queries, m, l * p).softmax(-1)
         weights = weights.view(n, num_queries, m, l, p)
-        # Sampling locations in one fused pass: reference + offsets * scale.
+        # Sampling locations: reference + offsets * scale. Broadcasting only over the heads
+        # (the P points of a level share reference and scale) keeps the inner run L*P*2 long.
+        refs = reference_points[:, :, None, :, None, :2]  # (N, Lq, 1, L, 1, 2)
         if reference_points.shape[-1] == 2:
-            refs = reference_points[:, :, None, :, None, :]  # (N, Lq, 1, L, 1, 2)
-            scale = 1.0 / spatial_shapes.flip(-1).to(offsets.dtype)[:, None, :]  # (L, 1, 2): 1 / (W, H)
+            scale = (1.0 / spatial_shapes.flip(-1).to(offsets.dtype))[:, None, :]  # (L, 1, 2): 1 / (W, H)
         else:
-            refs = reference_points[:, :, None, :, None, :2]
             scale = reference_points[:, :, None, :, None, 2:] * (0.5 / p)  # half the box size / P
-        locations = torch.addcmul(refs.to(offsets.dtype), offsets, scale.to(offsets.dtype))
+        locations = torch.addcmul(
+            _per_point(refs, p).to(offsets.dtype),
+            offsets.view(n, num_queries, m, l * p * 2),
+            _per_point(scale, p).to(offsets.dtype),
+        ).view(n, num_queries, m, l, p, 2)
         # One dtype for the op: under autocast the offsets are half while the reference
         # points stay float32; sample in the wider type.
         dtype = torch.promote_types(value.dtype, torch.promote_types(locations.dtype, weights.dtype))

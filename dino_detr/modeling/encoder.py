@@ -27,17 +27,29 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, chunk_size=0):
         """
         Args:
             src, pos: (N, S, C) flattened features and their position (+ level) embedding.
             reference_points: (N, S, L, 2) normalized.
             spatial_shapes: (L, 2); level_start_index: (L,); padding_mask: (N, S) bool or None.
+            chunk_size: when in (0, S), the FFN runs on slices of this many tokens, so that no
+                (S, d_ffn) activation is held at once; the result is the same.
         Returns:
             (N, S, C)
         """
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attn))
+        num_tokens = src.shape[1]
+        if chunk_size <= 0 or chunk_size >= num_tokens:
+            return self.feed_forward(src)
+        out = torch.empty_like(src)
+        for start in range(0, num_tokens, chunk_size):
+            out[:, start:start + chunk_size] = self.feed_forward(src[:, start:start + chunk_size])
+        return out
+
+    def feed_forward(self, src):
+        """(N, T, C) -> (N, T, C): FFN, residual, LayerNorm; each token on its own."""
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(ffn))
 
@@ -68,11 +80,17 @@ def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.T
 
 
 class DeformableEncoder(nn.Module):
-    """``num_layers`` independent copies of ``layer`` applied in sequence."""
+    """``num_layers`` independent copies of ``layer`` applied in sequence.
 
-    def __init__(self, layer: DeformableEncoderLayer, num_layers: int):
+    Args:
+        cpu_chunk_size: tokens per slice for CPU inference (no autograd); see
+            :meth:`DeformableEncoderLayer.forward`. 0 processes all tokens at once.
+    """
+
+    def __init__(self, layer: DeformableEncoderLayer, num_layers: int, cpu_chunk_size: int = 0):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.cpu_chunk_size = cpu_chunk_size
 
     def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
         """
@@ -83,6 +101,9 @@ class DeformableEncoder(nn.Module):
             memory (N, S, C)
         """
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        # Slicing lowers peak memory. Autograd would keep every slice's activations anyway;
+        # on a GPU, one large launch per op is the usual choice (not measured here: no GPU).
+        chunk_size = self.cpu_chunk_size if src.device.type == "cpu" and not torch.is_grad_enabled() else 0
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, chunk_size)
         return src

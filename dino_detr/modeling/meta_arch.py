@@ -118,6 +118,7 @@ class DinoDetr(nn.Module):
             num_feature_levels=d.NUM_FEATURE_LEVELS,
             enc_n_points=d.ENC_N_POINTS,
             dec_n_points=d.DEC_N_POINTS,
+            encoder_cpu_chunk_size=d.ENCODER_CPU_CHUNK_SIZE,
         )
         matcher = HungarianMatcher(d.COST_CLASS, d.COST_BBOX, d.COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
         weights = {"loss_class": d.CLASS_LOSS_COEF, "loss_bbox": d.BBOX_LOSS_COEF, "loss_giou": d.GIOU_LOSS_COEF}

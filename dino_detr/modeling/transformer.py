@@ -32,6 +32,8 @@ class DeformableTransformer(nn.Module):
     Args:
         enc_class_head / enc_box_head: encoder heads scoring each proposal.
         dec_box_heads: one box head per decoder layer (used for the refinement).
+        encoder_cpu_chunk_size: tokens per slice of the encoder layers in CPU inference
+            (:class:`DeformableEncoder`); 0 = all at once.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class DeformableTransformer(nn.Module):
         num_feature_levels: int = 4,
         enc_n_points: int = 4,
         dec_n_points: int = 4,
+        encoder_cpu_chunk_size: int = 0,
     ):
         super().__init__()
         self.d_model = d_model
@@ -56,6 +59,7 @@ class DeformableTransformer(nn.Module):
         self.encoder = DeformableEncoder(
             DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points),
             num_encoder_layers,
+            encoder_cpu_chunk_size,
         )
         self.decoder = DeformableDecoder(
             DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points),
