@@ -32,7 +32,7 @@ class DeformableTransformer(nn.Module):
     Args:
         enc_class_head / enc_box_head: encoder heads scoring each proposal.
         dec_box_heads: one box head per decoder layer (used for the refinement).
-        encoder_cpu_chunk_size: tokens per slice of the encoder layers in CPU inference
+        encoder_cpu_chunk_size: tokens per slice of the encoder FFNs in CPU inference
             (:class:`DeformableEncoder`); 0 = all at once.
     """
 
