@@ -64,6 +64,16 @@ def trained(dataset, tmp_path_factory):
     return _train(tmp_path_factory.mktemp("train"))
 
 
+@pytest.fixture(scope="module")
+def trained_cli(trained, tmp_path_factory):
+    """The trained run as command-line input: its config dumped to YAML, and the
+    ``MODEL.WEIGHTS <final checkpoint>`` override."""
+    cfg, _ = trained
+    config_file = tmp_path_factory.mktemp("cli") / "trained.yaml"
+    config_file.write_text(cfg.dump())
+    return str(config_file), ["MODEL.WEIGHTS", os.path.join(cfg.OUTPUT_DIR, "model_final.pth")]
+
+
 def test_training_reaches_ap_bar(trained):
     _, results = trained
     ap = results["bbox"]["AP"]
@@ -92,7 +102,7 @@ def test_random_matching_fails_the_bar(dataset, tmp_path, monkeypatch):
     assert results["bbox"]["AP"] < AP_BAR
 
 
-def test_eval_only_reproduces_final_ap(trained, tmp_path):
+def test_eval_only_reproduces_final_ap(trained, trained_cli, tmp_path):
     """``tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth`` (its main(), with
     Detectron2's default_setup) reproduces the AP printed at the end of training."""
     cfg, results = trained
@@ -100,11 +110,9 @@ def test_eval_only_reproduces_final_ap(trained, tmp_path):
     import train_net
     from detectron2.engine import default_argument_parser
 
-    config_file = tmp_path / "trained.yaml"
-    config_file.write_text(cfg.dump())
+    config_file, weights = trained_cli
     args = default_argument_parser().parse_args(
-        ["--config-file", str(config_file), "--eval-only", "MODEL.WEIGHTS",
-         os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval_only")])
+        ["--config-file", config_file, "--eval-only", *weights, "OUTPUT_DIR", str(tmp_path / "eval_only")])
     again = train_net.main(args)
     assert again["bbox"]["AP"] == pytest.approx(results["bbox"]["AP"], abs=1e-6)
     assert (tmp_path / "eval_only" / "config.yaml").is_file()  # written by default_setup
@@ -300,24 +308,22 @@ def test_ema_is_checkpointed_and_used_for_evaluation(dataset, tmp_path):
     assert torch.equal(trainer.model.state_dict()[key], saved["model"][key])  # own weights restored
 
 
-def test_demo_tool_visualizes_a_folder_and_names_missing_inputs(trained, tmp_path):
+def test_demo_tool_visualizes_a_folder_and_names_missing_inputs(trained, trained_cli, tmp_path):
     """tools/demo.py: DefaultPredictor over a folder of images, one PNG per image."""
     cfg, _ = trained
     sys.path.insert(0, str(REPO / "tools"))
     import demo
 
-    config_file = tmp_path / "trained.yaml"
-    config_file.write_text(cfg.dump())
+    config_file, weights = trained_cli
     record = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[0]
     folder = tmp_path / "images"
     folder.mkdir()
     image = cv2.imread(record["file_name"])
     cv2.imwrite(str(folder / "a.jpg"), image)
-    weights = ["MODEL.WEIGHTS", os.path.join(cfg.OUTPUT_DIR, "model_final.pth")]
-    demo.main(["--config-file", str(config_file), "--input", str(folder), "--output", str(tmp_path / "vis"),
+    demo.main(["--config-file", config_file, "--input", str(folder), "--output", str(tmp_path / "vis"),
                "--opts", *weights])
     drawn = cv2.imread(str(tmp_path / "vis" / "a.png"))
     assert drawn is not None and drawn.shape == image.shape
     with pytest.raises(FileNotFoundError, match="nope.png"):
-        demo.main(["--config-file", str(config_file), "--input", str(tmp_path / "nope.png"), "--output",
+        demo.main(["--config-file", config_file, "--input", str(tmp_path / "nope.png"), "--output",
                    str(tmp_path / "vis"), "--opts", *weights])
