@@ -3,7 +3,7 @@
 Importing the package registers the meta-architecture ``"DinoDetr"`` and the backbone
 ``"build_timm_backbone"``; :func:`add_dino_config` adds the ``MODEL.DINO`` keys.
 """
-from .config import add_dino_config, check_dino_config, get_dino_cfg
+from .config import add_dino_config, check_dino_config, get_dino_cfg, resolve_device
 from .modeling import DinoDetr
 
-__all__ = ["add_dino_config", "check_dino_config", "get_dino_cfg", "DinoDetr"]
+__all__ = ["add_dino_config", "check_dino_config", "get_dino_cfg", "resolve_device", "DinoDetr"]

@@ -3,6 +3,8 @@
 Defaults are the official DINO-4scale R50 12-epoch settings (IDEA-Research/DINO,
 ``config/DINO/DINO_4scale.py``) expressed in Detectron2's vocabulary.
 """
+import logging
+
 import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
@@ -15,8 +17,6 @@ def add_dino_config(cfg):
     ``merge_from_file`` / ``merge_from_list`` with the key named; contradictory values fail
     in :func:`check_dino_config` when the model is built.
     """
-    # Detectron2 defaults to "cuda"; DINO defaults to whatever this machine has.
-    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     _add_model_config(cfg)
     _add_solver_config(cfg)
     _add_input_config(cfg)
@@ -30,6 +30,15 @@ def get_dino_cfg(config_file, opts=()):
     cfg.merge_from_file(str(config_file))
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def resolve_device(device: str) -> str:
+    """``device`` (a ``MODEL.DEVICE`` value), or ``"cpu"`` when it names CUDA and this machine has
+    no usable GPU (with a warning): lets the tools run Detectron2's default ``"cuda"`` anywhere."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger(__name__).warning("MODEL.DEVICE=%s but CUDA is not available: running on the CPU", device)
+        return "cpu"
+    return device
 
 
 def check_dino_config(cfg):
@@ -59,6 +68,8 @@ def check_dino_config(cfg):
         raise ValueError(
             f"MODEL.DINO.NUM_SELECT={d.NUM_SELECT} exceeds NUM_QUERIES * NUM_CLASSES = {d.NUM_QUERIES * d.NUM_CLASSES}"
         )
+    if d.COST_CLASS == 0 and d.COST_BBOX == 0 and d.COST_GIOU == 0:
+        raise ValueError("MODEL.DINO.COST_CLASS, COST_BBOX and COST_GIOU are all 0: the matcher has no cost")
     if d.DN_LABELBOOK_SIZE and d.DN_LABELBOOK_SIZE < d.NUM_CLASSES:
         raise ValueError(
             f"MODEL.DINO.DN_LABELBOOK_SIZE={d.DN_LABELBOOK_SIZE} is smaller than MODEL.DINO.NUM_CLASSES={d.NUM_CLASSES}"
@@ -95,7 +106,10 @@ def _add_model_config(cfg):
     d.PE_TEMPERATURE_W = 20
     # Added to the pixel index of the sine embedding: 0 (official DINO), -0.5 (detrex).
     d.PE_OFFSET = 0.0
-    # Contrastive denoising
+    # Contrastive denoising. DN_NUMBER is the query budget: max(DN_NUMBER // M, 1) groups, M the
+    # largest box count of an image in the batch (as detrex). The official DINO does the same only
+    # for DN_NUMBER >= 50; below it uses 2 * DN_NUMBER groups whatever M is, so configs with small
+    # DN_NUMBER give fewer groups here than there.
     d.DN_NUMBER = 100
     d.DN_LABEL_NOISE_RATIO = 0.5
     d.DN_BOX_NOISE_SCALE = 0.4  # official DINO config; the paper and detrex use 1.0

@@ -14,7 +14,7 @@ from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dino_detr.data  # noqa: E402,F401  (registers the demo datasets' class names)
-from dino_detr import get_dino_cfg  # noqa: E402
+from dino_detr import get_dino_cfg, resolve_device  # noqa: E402
 from dino_detr.engine import list_images, visualize_predictions  # noqa: E402
 from dino_detr.utils import reuse_freed_cpu_memory  # noqa: E402
 
@@ -33,6 +33,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="dino_detr")
     cfg = get_dino_cfg(args.config_file, args.opts)
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     cfg.freeze()
     if cfg.MODEL.DEVICE == "cpu":
         reuse_freed_cpu_memory()  # this process only runs the model: keep freed activations for reuse

@@ -5,7 +5,7 @@ printed) and write visualized validation predictions as PNGs.
 
     python tools/run_demo.py [--output-dir output/dino_demo] [--num-vis 12] [KEY VALUE ...]
 
-Uses the GPU when there is one (MODEL.DEVICE is set at runtime by add_dino_config).
+Uses the GPU when there is one (MODEL.DEVICE "cuda" falls back to the CPU without one).
 """
 import argparse
 import json
@@ -20,7 +20,7 @@ from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dino_detr.data  # noqa: E402,F401  (registers dino_demo_train / dino_demo_val)
-from dino_detr import get_dino_cfg  # noqa: E402
+from dino_detr import get_dino_cfg, resolve_device  # noqa: E402
 from dino_detr.data import ensure_demo_dataset  # noqa: E402
 from dino_detr.engine import DinoTrainer, list_images, visualize_predictions  # noqa: E402
 
@@ -39,6 +39,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = get_dino_cfg(args.config_file, args.opts)
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)

@@ -16,12 +16,13 @@ from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 import dino_detr.data  # noqa: E402,F401  (registers the demo datasets)
-from dino_detr import get_dino_cfg  # noqa: E402
+from dino_detr import get_dino_cfg, resolve_device  # noqa: E402
 from dino_detr.engine import DinoTrainer, FiniteCheckpointer, ModelEMA  # noqa: E402
 
 
 def setup(args):
     cfg = get_dino_cfg(args.config_file, args.opts)
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
