@@ -14,12 +14,17 @@ export FORCE_CUDA ?= 1
 endif
 EXT := dino_detr/_C$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: demo test setup clean
+.PHONY: demo test lint setup clean
 demo: setup
 	$(PY) tools/run_demo.py
 
 test: setup
 	DINO_DETR_REQUIRE_EXT=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Lint and format check (settings in pyproject.toml); `ruff format .` applies the formatting.
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 setup: $(VENV)/.deps $(VENV)/.detectron2 $(EXT)
 

@@ -1,4 +1,5 @@
 """dino_detr.config: add_dino_config only adds keys; the tools resolve MODEL.DEVICE."""
+
 import torch
 from detectron2.config import get_cfg
 

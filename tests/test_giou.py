@@ -1,6 +1,7 @@
 """GIoU as the official DINO computes it: 1e-6 added to the union and to the enclosing area, in the
 loss and in the matching cost. Checked in float64 against the formula written out, on tiny boxes
 where the epsilon matters, with torchvision's defaults as the mutant that must be told apart."""
+
 import torch
 from torchvision.ops import box_convert, generalized_box_iou_loss
 from torchvision.ops import generalized_box_iou as torchvision_pairwise_giou
@@ -10,18 +11,21 @@ from dino_detr.modeling.matcher import GIOU_EPS, HungarianMatcher, generalized_b
 
 # Normalized cxcywh. Row 0: a 4 x 5 px box on an 800 px image against an overlapping 3 x 4 px one;
 # row 1: a 6 px box against a disjoint 5 px one (GIoU < 0); row 2: large boxes (eps irrelevant).
-PRED = torch.tensor([[0.500, 0.500, 0.005, 0.006], [0.200, 0.300, 0.008, 0.007], [0.4, 0.5, 0.30, 0.40]],
-                    dtype=torch.float64)
-GT = torch.tensor([[0.501, 0.499, 0.004, 0.005], [0.210, 0.305, 0.006, 0.006], [0.45, 0.52, 0.25, 0.45]],
-                  dtype=torch.float64)
+PRED = torch.tensor(
+    [[0.500, 0.500, 0.005, 0.006], [0.200, 0.300, 0.008, 0.007], [0.4, 0.5, 0.30, 0.40]], dtype=torch.float64
+)
+GT = torch.tensor(
+    [[0.501, 0.499, 0.004, 0.005], [0.210, 0.305, 0.006, 0.006], [0.45, 0.52, 0.25, 0.45]], dtype=torch.float64
+)
 
 
 def official_giou(boxes1, boxes2, eps):
     """Pairwise GIoU of xyxy boxes, written out: IoU = I / (U + eps), GIoU = IoU - (C - U) / (C + eps)."""
     area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
     area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    inter_wh = (torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:]) -
-                torch.max(boxes1[:, None, :2], boxes2[None, :, :2])).clamp(min=0)
+    inter_wh = (
+        torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:]) - torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    ).clamp(min=0)
     inter = inter_wh[..., 0] * inter_wh[..., 1]
     union = area1[:, None] + area2[None] - inter
     hull_wh = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:]) - torch.min(boxes1[:, None, :2], boxes2[None, :, :2])

@@ -1,5 +1,6 @@
 """tools/install_detectron2.py without network: the pip command it runs, and the checks and the
 extraction of the sdist, on a small fake sdist written by the test (pip is replaced by a stub)."""
+
 import hashlib
 import importlib.util
 import io

@@ -9,6 +9,7 @@ and its ``detectron2/`` package copied into site-packages together with a placeh
 ``detectron2._C`` that raises a clear error if one of Detectron2's own C++ ops is ever called.
 DINO needs none of them.
 """
+
 import argparse
 import hashlib
 import importlib.util
@@ -66,8 +67,19 @@ def __getattr__(name):
 def pip_download_command(dest: str) -> list:
     """The pip command that puts the sdist into ``dest``. Without build isolation, because pip
     reads the sdist's metadata by running its setup.py, which imports torch."""
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-            "--no-binary", ":all:", SDIST_REQUIREMENT, "-d", dest]
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-binary",
+        ":all:",
+        SDIST_REQUIREMENT,
+        "-d",
+        dest,
+    ]
 
 
 def sha256_of(path: str) -> str:
@@ -87,8 +99,10 @@ def fetch_sdist(cache_dir: str) -> str:
             command = pip_download_command(tmp)
             print("Running", " ".join(command), flush=True)
             if subprocess.run(command).returncode != 0:
-                sys.exit(f"error: pip could not download {SDIST_REQUIREMENT} (see its output above; torch and "
-                         "setuptools must be installed first, and your pip index must serve PyPI's sdists)")
+                sys.exit(
+                    f"error: pip could not download {SDIST_REQUIREMENT} (see its output above; torch and "
+                    "setuptools must be installed first, and your pip index must serve PyPI's sdists)"
+                )
             downloaded = os.path.join(tmp, SDIST_FILE)
             if not os.path.isfile(downloaded):
                 sys.exit(f"error: pip reported success but wrote no {SDIST_FILE} (got {sorted(os.listdir(tmp))})")
@@ -108,7 +122,7 @@ def extract_package(sdist: str, target: str) -> int:
         for m in tar.getmembers():
             if not (m.isfile() and m.name.startswith(PACKAGE_PREFIX)):
                 continue
-            dest = os.path.realpath(os.path.join(root, m.name[len(PACKAGE_PREFIX):]))
+            dest = os.path.realpath(os.path.join(root, m.name[len(PACKAGE_PREFIX) :]))
             if not dest.startswith(root + os.sep):
                 sys.exit(f"error: {sdist} member {m.name} points outside the package")
             os.makedirs(os.path.dirname(dest), exist_ok=True)

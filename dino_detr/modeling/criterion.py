@@ -51,8 +51,15 @@ class SetCriterion(nn.Module):
         giou_eps: added to the union and the enclosing area in the GIoU loss (see ``GIOU_EPS``).
     """
 
-    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, giou_eps: float = GIOU_EPS):
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: nn.Module,
+        weight_dict: Dict[str, float],
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        giou_eps: float = GIOU_EPS,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -77,13 +84,20 @@ class SetCriterion(nn.Module):
         pred = boxes[batch, src]
         gt = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)], dim=0)
         loss_bbox = F.l1_loss(pred, gt, reduction="sum") / num_boxes
-        loss_giou = generalized_box_iou_loss(
-            box_convert(pred, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy"), reduction="sum", eps=self.giou_eps
-        ) / num_boxes
+        loss_giou = (
+            generalized_box_iou_loss(
+                box_convert(pred, "cxcywh", "xyxy"),
+                box_convert(gt, "cxcywh", "xyxy"),
+                reduction="sum",
+                eps=self.giou_eps,
+            )
+            / num_boxes
+        )
         return loss_bbox, loss_giou
 
-    def set_loss(self, outputs: Dict[str, torch.Tensor], targets, indices: Indices, num_boxes: float,
-                 suffix: str) -> Dict[str, torch.Tensor]:
+    def set_loss(
+        self, outputs: Dict[str, torch.Tensor], targets, indices: Indices, num_boxes: float, suffix: str
+    ) -> Dict[str, torch.Tensor]:
         """Weighted losses of one prediction set ``{pred_logits, pred_boxes}``."""
         loss_bbox, loss_giou = self.loss_boxes(outputs["pred_boxes"], targets, indices, num_boxes)
         losses = {

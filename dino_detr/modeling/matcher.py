@@ -55,8 +55,15 @@ class HungarianMatcher(nn.Module):
     ``cost_class * focal + cost_bbox * L1 + cost_giou * (-GIoU)``; the costs of the whole
     batch are computed at once, then assigned per image."""
 
-    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, giou_eps: float = GIOU_EPS):
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        giou_eps: float = GIOU_EPS,
+    ):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher: cost_class, cost_bbox and cost_giou are all 0")
@@ -80,8 +87,9 @@ class HungarianMatcher(nn.Module):
         boxes = outputs["pred_boxes"].flatten(0, 1)
         labels = torch.cat([t["labels"] for t in targets])
         gt_boxes = torch.cat([t["boxes"] for t in targets])
-        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy"),
-                                   self.giou_eps)
+        giou = generalized_box_iou(
+            box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy"), self.giou_eps
+        )
         cost = (
             self.cost_class * focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)
             + self.cost_bbox * torch.cdist(boxes, gt_boxes, p=1)
