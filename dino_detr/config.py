@@ -4,8 +4,10 @@ Defaults are the official DINO-4scale R50 12-epoch settings (IDEA-Research/DINO,
 ``config/DINO/DINO_4scale.py``) expressed in Detectron2's vocabulary.
 """
 import logging
+import os
 
 import torch
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -24,7 +26,19 @@ def add_dino_config(cfg):
 
 def get_dino_cfg(config_file, opts=()):
     """Detectron2's default config with the DINO keys, then ``config_file`` and the
-    ``KEY VALUE`` overrides ``opts`` merged in (not frozen)."""
+    ``KEY VALUE`` overrides ``opts`` merged in (not frozen).
+
+    An empty or non-mapping config file, and a command-line option (``--resume``) caught
+    among the overrides (argparse's ``REMAINDER`` takes everything after the first KEY),
+    raise ``ValueError`` saying so.
+    """
+    _check_config_file(str(config_file))
+    flags = [o for o in opts if isinstance(o, str) and o.startswith("--")]
+    if flags:
+        raise ValueError(
+            f"'{flags[0]}' is among the KEY VALUE config overrides {list(opts)}: everything after the first KEY is "
+            f"read as overrides, so put command-line options such as {flags[0]} before them"
+        )
     cfg = get_cfg()
     add_dino_config(cfg)
     cfg.merge_from_file(str(config_file))
@@ -39,6 +53,16 @@ def resolve_device(device: str) -> str:
         logging.getLogger(__name__).warning("MODEL.DEVICE=%s but CUDA is not available: running on the CPU", device)
         return "cpu"
     return device
+
+
+def _check_config_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        content = yaml.safe_load(f)
+    if not isinstance(content, dict):
+        what = "is empty" if content is None else f"holds a {type(content).__name__}, not a mapping of config keys"
+        raise ValueError(f"config file {path} {what}")
 
 
 def check_dino_config(cfg):

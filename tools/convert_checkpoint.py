@@ -8,6 +8,8 @@ The classifier rows are remapped to Detectron2's 80 contiguous COCO classes (``-
 what ``coco_2017_val`` evaluation needs) or kept as stored (``--classes source``: 91 COCO ids for
 official checkpoints). The converted weights are loaded strictly into the model built from the
 matching config (unless ``--no-verify``), and the config file and options to use are printed.
+The input is read with ``torch.load(weights_only=True)``; a trusted older file that needs more is
+allowed by naming it in ``DINO_DETR_TRUSTED_WEIGHTS`` (see the README).
 """
 import argparse
 import os
@@ -65,11 +67,9 @@ def main(argv=None):
     parser.add_argument("--config-file", default=None,
                         help="config to verify against (default: the repository config matching the weights)")
     parser.add_argument("--no-verify", action="store_true", help="skip the strict load into a freshly built model")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="load with torch.load(weights_only=False): only for trusted files the safe loader rejects")
     args = parser.parse_args(argv)
 
-    conversion = convert_state_dict(load_source_state_dict(args.input, args.allow_pickle), args.source, args.classes)
+    conversion = convert_state_dict(load_source_state_dict(args.input), args.source, args.classes)
     config_file = args.config_file or os.path.join(REPO, conversion.base_config)
     opts = changed_opts(conversion, config_file)
     if not args.no_verify:

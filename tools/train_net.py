@@ -17,13 +17,15 @@ from detectron2.utils import comm  # noqa: E402
 
 import dino_detr.data  # noqa: E402,F401  (registers the demo datasets)
 from dino_detr import get_dino_cfg, resolve_device  # noqa: E402
-from dino_detr.engine import DinoTrainer, FiniteCheckpointer, ModelEMA  # noqa: E402
+from dino_detr.engine import DinoTrainer, FiniteCheckpointer, ModelEMA, lock_output_dir  # noqa: E402
 
 
 def setup(args):
     cfg = get_dino_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     cfg.freeze()
+    if not args.eval_only:
+        lock_output_dir(cfg.OUTPUT_DIR)  # one training per folder; before default_setup writes config.yaml
     default_setup(cfg, args)
     return cfg
 

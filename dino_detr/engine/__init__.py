@@ -1,9 +1,10 @@
 """Training pieces of the DINO project: optimizer, NaN guard, EMA, reseeding, resumable
-data stream and the ``DinoTrainer`` that combines them."""
+data stream, the ``OUTPUT_DIR`` lock and the ``DinoTrainer`` that combines them."""
 from .ema import EMAHook, ModelEMA
 from .nan_guard import FiniteCheckpointer, check_finite_grad_norm
 from .optimizer import build_dino_optimizer, dino_param_groups
 from .predict import list_images, visualize_predictions
+from .run_lock import OutputDirInUseError, lock_output_dir
 from .seeding import IterationSeedHook
 from .train_loader import ResumableTrainingSampler, build_dino_train_loader
 from .trainer import DinoTrainer
@@ -17,6 +18,8 @@ __all__ = [
     "dino_param_groups",
     "list_images",
     "visualize_predictions",
+    "OutputDirInUseError",
+    "lock_output_dir",
     "IterationSeedHook",
     "ResumableTrainingSampler",
     "build_dino_train_loader",

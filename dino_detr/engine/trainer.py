@@ -15,6 +15,7 @@ from dino_detr.data import DinoDatasetMapper
 from .ema import EMAHook, ModelEMA
 from .nan_guard import FiniteCheckpointer
 from .optimizer import build_dino_optimizer
+from .run_lock import lock_output_dir
 from .seeding import IterationSeedHook
 from .train_loader import build_dino_train_loader
 
@@ -35,8 +36,13 @@ class DinoTrainer(DefaultTrainer):
     weights, optional EMA (``MODEL_EMA``, stored as ``model_ema`` in checkpoints and used
     for evaluation), per-iteration reseeding when ``SEED >= 0``, a data stream that
     resumes where the interrupted run stopped, and optimizer (+ AMP scaler) state in
-    checkpoints also with Detectron2 v0.6.
+    checkpoints also with Detectron2 v0.6. One run per ``OUTPUT_DIR`` (a lock file, see
+    :func:`lock_output_dir`).
     """
+
+    def __init__(self, cfg):
+        lock_output_dir(cfg.OUTPUT_DIR)  # before anything is written there
+        super().__init__(cfg)
 
     def build_hooks(self):
         # Runs at the end of DefaultTrainer.__init__, before the default hooks capture
