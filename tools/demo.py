@@ -10,12 +10,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dino_detr.data  # noqa: E402,F401  (registers the demo datasets' class names)
 from dino_detr import get_dino_cfg, resolve_device  # noqa: E402
-from dino_detr.engine import list_images, visualize_predictions  # noqa: E402
+from dino_detr.engine import DinoPredictor, list_images, visualize_predictions  # noqa: E402
 from dino_detr.utils import reuse_freed_cpu_memory  # noqa: E402
 
 
@@ -40,7 +39,7 @@ def main(argv=None):
     files = list_images(args.input)
     if not files:
         raise FileNotFoundError(f"no image files in {args.input}")
-    written = visualize_predictions(DefaultPredictor(cfg), files, args.output, args.confidence_threshold)
+    written = visualize_predictions(DinoPredictor(cfg), files, args.output, args.confidence_threshold)
     print(f"wrote {len(written)} visualization(s) to {args.output}")
 
 

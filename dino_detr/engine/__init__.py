@@ -3,7 +3,7 @@ data stream, the ``OUTPUT_DIR`` lock and the ``DinoTrainer`` that combines them.
 from .ema import EMAHook, ModelEMA
 from .nan_guard import FiniteCheckpointer, check_finite_grad_norm
 from .optimizer import build_dino_optimizer, dino_param_groups
-from .predict import list_images, visualize_predictions
+from .predict import DinoPredictor, list_images, to_bgr_uint8, visualize_predictions
 from .run_lock import OutputDirInUseError, lock_output_dir
 from .seeding import IterationSeedHook
 from .train_loader import ResumableTrainingSampler, build_dino_train_loader
@@ -16,7 +16,9 @@ __all__ = [
     "check_finite_grad_norm",
     "build_dino_optimizer",
     "dino_param_groups",
+    "DinoPredictor",
     "list_images",
+    "to_bgr_uint8",
     "visualize_predictions",
     "OutputDirInUseError",
     "lock_output_dir",
