@@ -75,12 +75,14 @@ def lock_output_dir(output_dir: str) -> None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(lock)
                 continue
-            who = f"process {pid} on {owner_host}" if pid > 0 else "another process (lock being written)"
+            if pid > 0:
+                who = f"process {pid} on {owner_host}"
+                stale = "" if owner_host == host else f"; if it no longer runs on {owner_host}, delete {lock}"
+            else:
+                who, stale = "a starting run", f"; if none is starting, delete {lock}"
             raise OutputDirInUseError(
                 f"OUTPUT_DIR {output_dir} is in use by {who} (lock file {lock}). Two runs into one folder would "
-                "overwrite each other's checkpoints: choose another OUTPUT_DIR or wait for that run to end"
-                + ("" if owner_host == host else f"; if it is no longer running on {owner_host}, delete {lock}")
-                + "."
+                f"overwrite each other's checkpoints: choose another OUTPUT_DIR or wait for that run to end{stale}."
             ) from None
         with os.fdopen(fd, "w") as f:
             f.write(mine)
