@@ -228,7 +228,8 @@ def test_one_training_per_output_dir(tmp_path):
                               str(output_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "locked"
-        args = default_argument_parser().parse_args(["--config-file", DEMO_CONFIG, *TINY, "OUTPUT_DIR", str(output_dir)])
+        args = default_argument_parser().parse_args(["--config-file", DEMO_CONFIG, *TINY,
+                                                     "OUTPUT_DIR", str(output_dir)])
         with pytest.raises(OutputDirInUseError, match=f"in use by process {child.pid} on .*run.lock"):
             _tool("train_net").main(args)
         assert not (output_dir / "config.yaml").exists()

@@ -53,7 +53,8 @@ def lock_output_dir(output_dir: str) -> None:
     """Take ``<output_dir>/run.lock`` for this process until it exits (main process only;
     again in the same process: no-op).
 
-    A lock left by a dead process of this host is taken over (with a warning); a lock of a live process, or of another host, raises
+    A lock left by a dead process of this host is taken over (with a warning); a lock of a
+    live process, or of another host, raises
     :class:`OutputDirInUseError` naming its owner and the file.
     """
     if not comm.is_main_process():
