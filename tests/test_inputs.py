@@ -1,6 +1,7 @@
 """Validated inputs: training targets checked by the model (class range, finite boxes of positive
 size, the image named), and predictor images converted (grayscale, BGRA, uint16, float) or
 refused with what was given and what is needed."""
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -94,3 +95,15 @@ def test_predictor_accepts_grayscale_and_plain_predictor_names_bad_tensors(cfg):
     image[3, 4, 1] = np.inf
     with pytest.raises(ValueError, match="NaN or Inf pixel values"):
         plain(image)
+
+
+def test_16_bit_image_files_are_scaled_not_saturated(cfg, tmp_path):
+    """tools/demo.py's reader: a 16-bit PNG is drawn as its 8-bit version (Detectron2's read_image
+    saturated it to white)."""
+    from dino_detr.engine import visualize_predictions
+
+    deep = (np.random.default_rng(0).random((48, 64, 3)) * 65535).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)
+    drawn = visualize_predictions(DinoPredictor(cfg), [tmp_path / "deep.png"], str(tmp_path / "vis"),
+                                  score_threshold=1.1)  # nothing drawn over the image
+    assert np.array_equal(cv2.imread(drawn[0]), np.rint(deep / 257.0).astype(np.uint8))

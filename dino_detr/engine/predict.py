@@ -8,7 +8,6 @@ from typing import Iterable, List
 import cv2
 import numpy as np
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
@@ -93,8 +92,9 @@ def list_images(inputs: Iterable[str]) -> List[Path]:
 
 def visualize_predictions(predictor: DefaultPredictor, files: Iterable[Path], output_dir: str,
                           score_threshold: float = 0.3) -> List[str]:
-    """Runs ``predictor`` on every file and writes ``<output_dir>/<stem>.png`` with the
-    detections scoring at least ``score_threshold`` drawn on the image.
+    """Runs ``predictor`` on every file (read by OpenCV at any depth, converted by
+    :func:`to_bgr_uint8`) and writes ``<output_dir>/<stem>.png`` with the detections scoring
+    at least ``score_threshold`` drawn on the image.
 
     Returns:
         the written paths.
@@ -104,7 +104,11 @@ def visualize_predictions(predictor: DefaultPredictor, files: Iterable[Path], ou
     metadata = MetadataCatalog.get(dataset)
     written = []
     for path in files:
-        image_bgr = read_image(str(path), format="BGR")
+        # Any depth and channel count (16-bit PNGs, grayscale), converted like DinoPredictor's input.
+        image = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+        if image is None:
+            raise ValueError(f"cannot read image file {path}")
+        image_bgr = to_bgr_uint8(image)
         instances = predictor(image_bgr)["instances"].to("cpu")
         instances = instances[instances.scores >= score_threshold]
         drawing = Visualizer(image_bgr[:, :, ::-1], metadata).draw_instance_predictions(instances)
