@@ -4,7 +4,7 @@ import argparse
 import contextlib
 import os
 import uuid
-from typing import Dict, IO, Iterator
+from typing import IO, Dict, Iterator
 
 import torch
 

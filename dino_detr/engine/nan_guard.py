@@ -5,8 +5,9 @@ import math
 import os
 
 import torch
-from dino_detr.checkpoint import SafeCheckpointer
 from detectron2.utils.events import get_event_storage
+
+from dino_detr.checkpoint import SafeCheckpointer
 
 __all__ = ["check_finite_grad_norm", "FiniteCheckpointer"]
 

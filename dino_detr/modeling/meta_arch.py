@@ -69,7 +69,8 @@ def check_training_targets(batched_inputs: List[Dict], num_classes: int) -> None
         if len(classes):
             j = int(classes[0])
             raise ValueError(f"DinoDetr: image {_name(batched_inputs, i)}: ground-truth class "
-                             f"{int(inst.gt_classes[j])} (instance {j}) is outside [0, {num_classes}) (MODEL.DINO.NUM_CLASSES)")
+                             f"{int(inst.gt_classes[j])} (instance {j}) is outside [0, {num_classes}) "
+                             "(MODEL.DINO.NUM_CLASSES)")
         if len(boxes):
             j = int(boxes[0])
             raise ValueError(f"DinoDetr: image {_name(batched_inputs, i)}: ground-truth box "
