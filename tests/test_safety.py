@@ -27,7 +27,7 @@ from dino_detr.checkpoint import (
     UnsafeCheckpointError,
     is_class_dependent,
 )
-from dino_detr.engine import OutputDirInUseError, build_dino_optimizer, lock_output_dir
+from dino_detr.engine import FiniteCheckpointer, OutputDirInUseError, build_dino_optimizer, lock_output_dir
 from dino_detr.engine.nan_guard import check_finite_grad_norm
 
 from train_utils import REPO
@@ -255,6 +255,10 @@ def test_nan_guard_names_a_checkpoint_that_exists(tmp_path):
     SafeCheckpointer(model, str(tmp_path)).save("model_0000004")
     with pytest.raises(FloatingPointError, match=f"the last checkpoint, {tmp_path / 'model_0000004.pth'}, holds"):
         check_finite_grad_norm(torch.tensor(float("inf")), str(tmp_path))
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="Refusing to save checkpoint 'model_0000005'.*model_0000004.pth"):
+        FiniteCheckpointer(model, str(tmp_path)).save("model_0000005")
 
 
 def test_config_and_cli_mistakes_are_named(tmp_path):

@@ -53,6 +53,6 @@ class FiniteCheckpointer(SafeCheckpointer):
         if bad:
             raise FloatingPointError(
                 f"Refusing to save checkpoint '{name}': non-finite values in {bad[:5]}"
-                f"{' ...' if len(bad) > 5 else ''}; the previous checkpoints are kept."
+                f"{' ...' if len(bad) > 5 else ''}; {_last_checkpoint_note(self.save_dir)}."
             )
         super().save(name, **kwargs)
