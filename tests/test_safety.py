@@ -129,14 +129,18 @@ def demo_cfg():
 
 
 def test_checkpoint_that_does_not_fit_is_refused(demo_cfg, tmp_path):
-    """A torchvision ResNet-18 state dict given as MODEL.WEIGHTS stops DefaultPredictor (it used to load with
-    warnings and predict with random weights)."""
+    """A torchvision ResNet-18 state dict given as MODEL.WEIGHTS stops DefaultPredictor and --eval-only (they
+    used to load it with warnings and predict with random weights)."""
     cfg = demo_cfg.clone()
     cfg.MODEL.WEIGHTS = str(tmp_path / "resnet18.pth")
     torch.save(torchvision.models.resnet18().state_dict(), cfg.MODEL.WEIGHTS)
-    with pytest.raises(ValueError, match=r"resnet18.pth does not fit.*supplied 0 of the model's \d+ tensors"
-                                         r".*backbone\.stem.*conv1.weight"):
+    message = r"resnet18.pth does not fit.*supplied 0 of the model's \d+ tensors.*backbone\.stem.*conv1.weight"
+    with pytest.raises(ValueError, match=message):
         DefaultPredictor(cfg)
+    args = default_argument_parser().parse_args(["--config-file", DEMO_CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS",
+                                                 cfg.MODEL.WEIGHTS, "OUTPUT_DIR", str(tmp_path / "eval")])
+    with pytest.raises(ValueError, match=message):
+        _tool("train_net").main(args)
 
 
 def test_fine_tune_and_backbone_checkpoints_fit(demo_cfg, tmp_path):
