@@ -41,10 +41,10 @@ def check_images(batched_inputs: List[Dict], channels: int) -> None:
             raise ValueError(f"DinoDetr: image {_name(batched_inputs, i)} has shape {tuple(image.shape)}; expected a "
                              f"non-empty ({channels}, H, W) tensor in the model's INPUT.FORMAT")
         if image.is_floating_point():
-            peak = image.detach().abs().amax().item()  # NaN / Inf propagate
-            if not math.isfinite(peak):
+            low, high = torch.stack(torch.aminmax(image.detach())).tolist()  # NaN propagates; one pass
+            if not (math.isfinite(low) and math.isfinite(high)):
                 raise ValueError(f"DinoDetr: image {_name(batched_inputs, i)} has NaN or Inf pixel values")
-            if 0 < peak <= 1:
+            if 0 <= low and 0 < high <= 1:
                 logger.warning(f"DinoDetr: image {_name(batched_inputs, i)} has values in [0, 1]; the model expects "
                                "0-255 pixel values (DinoPredictor scales [0, 1] float images)")
 
