@@ -172,6 +172,9 @@ def _add_solver_config(cfg):
     s.OPTIMIZER = "ADAMW"
     s.BACKBONE_MULTIPLIER = 0.1
     s.AMP.ENABLED = False
+    # Autocast dtype of AMP training: "float16" (with a grad scaler) or "bfloat16" (float32's
+    # range, no scaler; Ampere and newer GPUs, and CPUs).
+    s.AMP.PRECISION = "float16"
     cfg.MODEL_EMA = CN()
     cfg.MODEL_EMA.ENABLED = False
     cfg.MODEL_EMA.DECAY = 0.9997

@@ -1,5 +1,6 @@
 """Training pieces of the DINO project: optimizer, NaN guard, EMA, reseeding, resumable
 data stream, the ``OUTPUT_DIR`` lock and the ``DinoTrainer`` that combines them."""
+from .amp import AMP_PRECISIONS, MixedPrecisionTrainer, amp_precision
 from .ema import EMAHook, ModelEMA
 from .nan_guard import FiniteCheckpointer, check_finite_grad_norm
 from .optimizer import build_dino_optimizer, dino_param_groups
@@ -10,6 +11,9 @@ from .train_loader import ResumableTrainingSampler, build_dino_train_loader
 from .trainer import DinoTrainer
 
 __all__ = [
+    "AMP_PRECISIONS",
+    "MixedPrecisionTrainer",
+    "amp_precision",
     "EMAHook",
     "ModelEMA",
     "FiniteCheckpointer",
