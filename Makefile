@@ -2,6 +2,8 @@
 #   make demo   set up everything that is missing, then train + evaluate DINO on the embedded demo data
 #   make test   set up everything that is missing, then run the test suite (what CI runs)
 # Both are fast the second time: each setup step is skipped while its inputs are unchanged.
+#   make gpu-check   on a machine with an NVIDIA GPU: rebuild for it, GPU tests (+ compute-sanitizer),
+#                    kernel and model benchmarks, demo training; numbers in projects/dino_detr/results/
 
 PYTHON ?= python3
 VENV   := .venv
@@ -30,7 +32,7 @@ endif
 export MAX_JOBS ?= 2
 EXT := dino_detr/_C$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint gpu-check setup clean
 demo: setup
 	$(PY) tools/run_demo.py
 
@@ -41,6 +43,10 @@ test: setup
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# tools/gpu_check.py rebuilds dino_detr._C for the GPU present itself.
+gpu-check: $(VENV)/.deps $(VENV)/.detectron2
+	$(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 setup: $(VENV)/.deps $(VENV)/.detectron2 $(EXT)
 
