@@ -9,7 +9,7 @@ from detectron2.engine import HookBase
 from torch import nn
 
 import dino_detr.data  # noqa: F401
-from dino_detr.engine import DinoTrainer, MixedPrecisionTrainer
+from dino_detr.engine import DinoTrainer, MixedPrecisionTrainer, amp_precision
 
 from train_utils import ci_cfg, ci_dataset
 
@@ -69,7 +69,9 @@ def test_bfloat16_training_runs_under_autocast_without_a_scaler(dataset, tmp_pat
 
 
 def test_float16_training_keeps_a_checkpointed_resumable_scaler(dataset, tmp_path):
-    cfg = _amp_cfg(tmp_path, "float16", 1, **{"SOLVER.CHECKPOINT_PERIOD": 1})
+    # float16 convolutions are slow on the CPU: one small image per step
+    cfg = _amp_cfg(tmp_path, "float16", 2, **{"SOLVER.CHECKPOINT_PERIOD": 2, "SOLVER.IMS_PER_BATCH": 1,
+                                               "INPUT.MIN_SIZE_TRAIN": (64,), "INPUT.MAX_SIZE_TRAIN": 96})
     trainer, record, _ = _train(cfg)
     assert torch.float16 in record.dtypes
     scaler = trainer._trainer.grad_scaler
@@ -81,10 +83,23 @@ def test_float16_training_keeps_a_checkpointed_resumable_scaler(dataset, tmp_pat
     torch.save(saved, path)
     resumed = DinoTrainer(cfg)
     resumed.resume_or_load(resume=True)
-    assert resumed.start_iter == 1
+    assert resumed.start_iter == 2
     assert resumed._trainer.grad_scaler.get_scale() == 1024.0
 
 def test_amp_precision_is_validated_before_the_model_is_built(tmp_path):
     cfg = ci_cfg(tmp_path, 1, **{"SOLVER.AMP.PRECISION": "float8"})
     with pytest.raises(ValueError, match=r"SOLVER.AMP.PRECISION must be one of 'float16', 'bfloat16', got 'float8'"):
         DinoTrainer(cfg)
+
+
+def test_bfloat16_is_refused_on_a_gpu_without_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla T4")
+    cfg = _amp_cfg(tmp_path, "bfloat16", 1, **{"MODEL.DEVICE": "cuda"})
+    with pytest.raises(ValueError, match=r"'bfloat16' needs a GPU of compute capability 8.0 or newer; Tesla T4 is 7.5"):
+        amp_precision(cfg)
+    cfg.SOLVER.AMP.PRECISION = "float16"
+    assert amp_precision(cfg) == torch.float16
+

@@ -125,7 +125,8 @@ def test_the_build_records_its_architectures():
     codes = torch.ops.dino_detr.cuda_arch_list().split(",")
     assert codes and parse_arch_list(format_codes(codes)) == codes
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):  # make test: the list the Makefile built with
-        assert format_codes(codes) == format_codes(parse_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"]))
+        assert format_codes(codes) == format_codes(parse_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])), (
+            "dino_detr._C was built for another TORCH_CUDA_ARCH_LIST; rebuild it")
 
 
 def _make_variables(env_changes, *names):

@@ -14,13 +14,22 @@ AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def amp_precision(cfg) -> torch.dtype:
-    """The autocast dtype of ``cfg.SOLVER.AMP.PRECISION``; ``ValueError`` naming the key otherwise."""
+    """The autocast dtype of ``cfg.SOLVER.AMP.PRECISION``; ``ValueError`` naming the key when it
+    is unknown, or when AMP is enabled in bfloat16 on a GPU without bfloat16 (before Ampere)."""
     precision = cfg.SOLVER.AMP.PRECISION
     if precision not in AMP_PRECISIONS:
         raise ValueError(
             f"SOLVER.AMP.PRECISION must be one of {', '.join(map(repr, AMP_PRECISIONS))}, got {precision!r}"
         )
-    return AMP_PRECISIONS[precision]
+    dtype = AMP_PRECISIONS[precision]
+    on_gpu = torch.device(cfg.MODEL.DEVICE).type == "cuda" and torch.cuda.is_available()
+    if cfg.SOLVER.AMP.ENABLED and dtype == torch.bfloat16 and on_gpu and not torch.cuda.is_bf16_supported():
+        major, minor = torch.cuda.get_device_capability()
+        raise ValueError(
+            f"SOLVER.AMP.PRECISION 'bfloat16' needs a GPU of compute capability 8.0 or newer; "
+            f"{torch.cuda.get_device_name()} is {major}.{minor}: use 'float16'"
+        )
+    return dtype
 
 
 class MixedPrecisionTrainer(SimpleTrainer):
