@@ -67,7 +67,8 @@ def test_gpu_check_plan():
 
 def test_gpu_tests_skipped_on_a_gpu_machine_are_failures():
     output = ("SKIPPED [12] tests/test_ms_deform_attn_cuda.py:12: needs a GPU and dino_detr._C\n"
-              "SKIPPED [1] tests/test_x.py:3: scipy missing\n1 passed, 13 skipped\n")
+              "SKIPPED [1] tests/test_x.py:3: scipy missing\n"
+              "SKIPPED [1] tests/test_gpu_check.py:74: checks the failure without a GPU\n1 passed, 14 skipped\n")
     assert gpu_check.gpu_skips(output) == [output.splitlines()[0]]
 
 

@@ -43,9 +43,9 @@ def gpu_test_files(tests_dir: Path) -> list:
 
 
 def gpu_skips(pytest_output: str) -> list:
-    """The ``-rs`` lines of tests skipped for want of a GPU or CUDA."""
-    return [line for line in pytest_output.splitlines()
-            if line.startswith("SKIPPED") and re.search(r"\b(GPU|CUDA)\b", line, re.I)]
+    """The ``-rs`` lines of tests skipped for want of a GPU or CUDA ("needs a GPU ...")."""
+    return [line for line in pytest_output.splitlines() if line.startswith("SKIPPED")
+            and re.search(r"needs (a )?(GPU|CUDA)|CUDA is not available|no GPU", line, re.I)]
 
 
 def compute_sanitizer() -> str:
