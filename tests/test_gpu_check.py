@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dino_detr.analysis.bandwidth import copy_bandwidth, ms_deform_attn_bytes
+from dino_detr.analysis.bandwidth import copy_bandwidth, ms_deform_attn_bytes, value_rows_read
 
 from train_utils import REPO
 
@@ -34,6 +34,18 @@ def test_bytes_the_op_must_move():
     assert ms_deform_attn_bytes(1, 10, 2, 1, 4, 1, 2, 2, 4, 4) == (80 + 32 + 16 + 24 + 16, 168 + 80 + 32 + 16)
 
 
+def test_value_rows_the_samples_touch():
+    """One 2x2 level, two heads, two points each: the corners inside the map, counted once."""
+    shapes, starts = torch.tensor([[2, 2]]), torch.tensor([0])
+    locations = torch.tensor([[(0.5, 0.5), (0.1, 0.1)],    # head 0: all 4 pixels; then pixel (0, 0) again
+                              [(0.1, 0.1), (0.9, 0.1)]])   # head 1: pixel (0, 0); pixel (x=1, y=0)
+    assert value_rows_read(shapes, starts, locations.view(1, 1, 2, 1, 2, 2)) == 4 + 2
+    assert value_rows_read(shapes, starts, torch.full((1, 1, 2, 1, 2, 2), 2.0)) == 0  # outside: nothing
+    # forward with those 6 rows of D=4 float32 instead of the whole value (2 heads * 4 positions)
+    forward, _ = ms_deform_attn_bytes(1, 4, 1, 2, 4, 1, 2, 4, 4, 4, rows_read=6)
+    assert forward == 6 * 16 + 8 * 4 + 4 * 4 + 24 + 8 * 4
+
+
 def test_dino_shapes():
     assert bench.feature_levels(800, 1333) == [(100, 167), (50, 84), (25, 42), (13, 21)]
     assert bench.feature_levels(800, 1216) == [(100, 152), (50, 76), (25, 38), (13, 19)]  # msda_cpu.json's
@@ -43,8 +55,11 @@ def test_dino_shapes():
 def test_benchmark_measures_a_case_and_its_floor_on_the_cpu():
     levels = bench.feature_levels(32, 48)
     result = bench.run_case("native", "decoder", 1, True, levels, "cpu", "float32", repeats=1, threads=1)
+    _, shapes, starts, locations, _ = bench.make_inputs("decoder", 1, levels, "cpu", torch.float32)
     spatial = sum(h * w for h, w in levels)
-    assert result["bytes"] == sum(ms_deform_attn_bytes(1, spatial, 1100, 8, 32, 4, 4, 4, 4, 4))
+    rows = value_rows_read(shapes, starts, locations)
+    assert 0 < rows <= spatial * 8
+    assert result["bytes"] == sum(ms_deform_attn_bytes(1, spatial, 1100, 8, 32, 4, 4, 4, 4, 4, rows_read=rows))
     assert result["seconds"] > 0
     assert copy_bandwidth(torch.device("cpu"), 2**20, repeats=3) > 0
 

@@ -7,8 +7,8 @@ them all; default 800x1216) and the decoder (1100 queries = 900 matching + 200 d
 M=8 heads, D=32, P=4, forward and forward+backward. Each measurement runs in a fresh process
 so that its peak memory (CPU: growth of the resident size over the inputs; CUDA:
 max_memory_allocated) is its own; times are medians (CUDA events on the GPU). The floor is
-the bytes the op must read and write once over the measured device copy bandwidth
-(dino_detr/analysis/bandwidth.py).
+the bytes the op must read and write once (the value rows its samples touch, every other
+input and output whole) over the measured device copy bandwidth (dino_detr/analysis/bandwidth.py).
 
     python tools/benchmark_ms_deform_attn.py [--device cpu|cuda] [--dtype float16] [--size 800 1333]
         [--cases encoder decoder] [--batches 1 2] [--threads 2] [--json out.json] [--markdown out.md]
@@ -95,7 +95,7 @@ def run_case(impl: str, case: str, batch: int, backward: bool, levels: list, dev
     op must move (forward, or forward + backward)."""
     import torch
 
-    from dino_detr.analysis.bandwidth import median_seconds, ms_deform_attn_bytes
+    from dino_detr.analysis.bandwidth import median_seconds, ms_deform_attn_bytes, value_rows_read
     from dino_detr.analysis.measure import reset_peak_memory, rss_kib
     from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference
 
@@ -103,7 +103,7 @@ def run_case(impl: str, case: str, batch: int, backward: bool, levels: list, dev
     dev = torch.device(device)
     fn = {"native": ms_deform_attn, "reference": ms_deform_attn_reference}[impl]
     inputs = make_inputs(case, batch, levels, device, getattr(torch, dtype_name))
-    value, _, _, loc, weights = inputs
+    value, shapes, starts, loc, weights = inputs
     queries = num_queries(case, levels)
     if backward:
         for i in (0, 3, 4):
@@ -130,7 +130,7 @@ def run_case(impl: str, case: str, batch: int, backward: bool, levels: list, dev
         peak = (rss_kib("VmHWM") - base) / 1024
     forward_bytes, backward_bytes = ms_deform_attn_bytes(
         batch, value.shape[1], queries, HEADS, CHANNELS, len(levels), POINTS, value.element_size(),
-        loc.element_size(), weights.element_size())
+        loc.element_size(), weights.element_size(), value_rows_read(shapes, starts, loc))
     return {"impl": impl, "case": case, "batch": batch, "backward": backward,
             "seconds": median_seconds(step, dev, repeats, warmup=0), "peak_mib": peak,
             "bytes": forward_bytes + (backward_bytes if backward else 0)}
