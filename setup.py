@@ -5,8 +5,8 @@ The C++ CPU kernels are always built. The CUDA kernels are added when CUDA is us
 so that the kernels are at least compiled). CUDA architectures
 (dino_detr/layers/cuda_arch.py): TORCH_CUDA_ARCH_LIST when set (e.g. "8.6;9.0+PTX");
 otherwise the visible GPUs; otherwise every architecture of the installed nvcc from
-Turing (7.5) to Blackwell, with PTX for the newest. MAX_JOBS (parallel compile jobs)
-and CUDA_HOME are torch's: set them to override its defaults.
+Turing (7.5) to Blackwell, with PTX for the newest. MAX_JOBS (parallel compile jobs,
+also nvcc's threads per file) and CUDA_HOME are torch's: set them to override its defaults.
 
     pip install --no-build-isolation --no-deps -e .
 """
@@ -64,7 +64,9 @@ def _extension():
     codes, gencode = _cuda_codes()
     # The -gencode flags replace torch's own TORCH_CUDA_ARCH_LIST handling; the codes are
     # compiled in for the kernel-image check (dino_detr/csrc/cuda/build_info.cu).
-    nvcc_flags = ["-O3", "-lineinfo", *gencode, f"-DDINO_DETR_CUDA_CODES={'.'.join(codes)}"]
+    # nvcc compiles a file's architectures in parallel: MAX_JOBS threads, else one per core.
+    threads = f"--threads={os.environ.get('MAX_JOBS', '0')}"
+    nvcc_flags = ["-O3", "-lineinfo", threads, *gencode, f"-DDINO_DETR_CUDA_CODES={'.'.join(codes)}"]
     return CUDAExtension(
         "dino_detr._C",
         sources + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))),
