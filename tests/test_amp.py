@@ -1,5 +1,6 @@
 """Mixed-precision training (SOLVER.AMP) on the CPU: bfloat16 autocast without a grad scaler,
 float16 with a checkpointed, resumable scaler, and the precision key's validation."""
+
 import math
 import os
 
@@ -54,8 +55,17 @@ def _train(cfg):
 
 
 def _amp_cfg(output_dir, precision, iterations, **overrides):
-    return ci_cfg(output_dir, iterations, **{"SOLVER.AMP.ENABLED": True, "SOLVER.AMP.PRECISION": precision,
-                                             "SOLVER.IMS_PER_BATCH": 2, "DATASETS.TEST": (), **overrides})
+    return ci_cfg(
+        output_dir,
+        iterations,
+        **{
+            "SOLVER.AMP.ENABLED": True,
+            "SOLVER.AMP.PRECISION": precision,
+            "SOLVER.IMS_PER_BATCH": 2,
+            "DATASETS.TEST": (),
+            **overrides,
+        },
+    )
 
 
 def test_bfloat16_training_runs_under_autocast_without_a_scaler(dataset, tmp_path):
@@ -70,8 +80,17 @@ def test_bfloat16_training_runs_under_autocast_without_a_scaler(dataset, tmp_pat
 
 def test_float16_training_keeps_a_checkpointed_resumable_scaler(dataset, tmp_path):
     # float16 convolutions are slow on the CPU: one small image per step
-    cfg = _amp_cfg(tmp_path, "float16", 2, **{"SOLVER.CHECKPOINT_PERIOD": 2, "SOLVER.IMS_PER_BATCH": 1,
-                                               "INPUT.MIN_SIZE_TRAIN": (64,), "INPUT.MAX_SIZE_TRAIN": 96})
+    cfg = _amp_cfg(
+        tmp_path,
+        "float16",
+        2,
+        **{
+            "SOLVER.CHECKPOINT_PERIOD": 2,
+            "SOLVER.IMS_PER_BATCH": 1,
+            "INPUT.MIN_SIZE_TRAIN": (64,),
+            "INPUT.MAX_SIZE_TRAIN": 96,
+        },
+    )
     trainer, record, _ = _train(cfg)
     assert torch.float16 in record.dtypes
     scaler = trainer._trainer.grad_scaler
@@ -85,6 +104,7 @@ def test_float16_training_keeps_a_checkpointed_resumable_scaler(dataset, tmp_pat
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 2
     assert resumed._trainer.grad_scaler.get_scale() == 1024.0
+
 
 def test_amp_precision_is_validated_before_the_model_is_built(tmp_path):
     cfg = ci_cfg(tmp_path, 1, **{"SOLVER.AMP.PRECISION": "float8"})
@@ -102,4 +122,3 @@ def test_bfloat16_is_refused_on_a_gpu_without_it(tmp_path, monkeypatch):
         amp_precision(cfg)
     cfg.SOLVER.AMP.PRECISION = "float16"
     assert amp_precision(cfg) == torch.float16
-

@@ -1,6 +1,7 @@
 """Portable CUDA builds, on the CPU: which architectures setup.py builds, the rule that says
 whether a build runs on a GPU, the one error a missing kernel image gives, and the Makefile's
 toolkit / job-count fallbacks."""
+
 import os
 import re
 import subprocess
@@ -10,17 +11,47 @@ import torch
 
 from dino_detr.layers import cuda_arch, native_extension_available
 from dino_detr.layers.cuda_arch import (
-    check_kernel_image, format_codes, gencode_flags, image_runs_on, missing_image_message, nvcc_sass_codes,
-    parse_arch_list, resolve_build_codes,
+    check_kernel_image,
+    format_codes,
+    gencode_flags,
+    image_runs_on,
+    missing_image_message,
+    nvcc_sass_codes,
+    parse_arch_list,
+    resolve_build_codes,
 )
 
 from train_utils import REPO
 
 # `nvcc --list-gpu-code` of CUDA 13.0, and an older toolkit's with pre-Turing and suffixed codes.
-NVCC_13_0 = ["sm_75", "sm_80", "sm_86", "sm_87", "sm_88", "sm_89", "sm_90", "sm_100", "sm_110", "sm_103",
-             "sm_120", "sm_121"]
-NVCC_OLD = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_100",
-            "sm_100a", "sm_120"]
+NVCC_13_0 = [
+    "sm_75",
+    "sm_80",
+    "sm_86",
+    "sm_87",
+    "sm_88",
+    "sm_89",
+    "sm_90",
+    "sm_100",
+    "sm_110",
+    "sm_103",
+    "sm_120",
+    "sm_121",
+]
+NVCC_OLD = [
+    "sm_50",
+    "sm_60",
+    "sm_70",
+    "sm_75",
+    "sm_80",
+    "sm_86",
+    "sm_89",
+    "sm_90",
+    "sm_90a",
+    "sm_100",
+    "sm_100a",
+    "sm_120",
+]
 
 
 def test_parse_and_format_arch_list():
@@ -28,25 +59,30 @@ def test_parse_and_format_arch_list():
     assert codes == ["sm_75", "sm_86", "sm_90a", "sm_120", "compute_120"]
     assert format_codes(codes) == "7.5;8.6;9.0a;12.0+PTX"
     assert gencode_flags(["sm_90a", "compute_120"]) == [
-        "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_120,code=compute_120"]
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_120,code=compute_120",
+    ]
     for bad in ("Ampere", "8.6+ptx", "86", "8.6;;sm_90"):
         with pytest.raises(ValueError, match=r"TORCH_CUDA_ARCH_LIST=.*cannot read"):
             parse_arch_list(bad)
 
 
-@pytest.mark.parametrize("capability,codes,runs", [
-    ((8, 6), ["sm_80"], True),               # SASS runs on a newer minor of its major
-    ((8, 0), ["sm_86"], False),              # ... not on an older minor
-    ((9, 0), ["sm_80", "sm_86"], False),     # ... nor on another major
-    ((9, 0), ["compute_80"], True),          # PTX is JIT-compiled for newer GPUs
-    ((12, 0), ["sm_90", "compute_90"], True),
-    ((7, 5), ["compute_80"], False),         # ... never for older ones
-    ((9, 0), ["sm_90a"], True),              # arch-specific: that capability only
-    ((10, 0), ["sm_90a", "compute_90a"], False),
-    ((10, 3), ["sm_100f"], True),            # family-specific: its major, newer minors
-    ((12, 0), ["sm_100", "sm_110"], False),
-    ((7, 5), [], False),
-])
+@pytest.mark.parametrize(
+    "capability,codes,runs",
+    [
+        ((8, 6), ["sm_80"], True),  # SASS runs on a newer minor of its major
+        ((8, 0), ["sm_86"], False),  # ... not on an older minor
+        ((9, 0), ["sm_80", "sm_86"], False),  # ... nor on another major
+        ((9, 0), ["compute_80"], True),  # PTX is JIT-compiled for newer GPUs
+        ((12, 0), ["sm_90", "compute_90"], True),
+        ((7, 5), ["compute_80"], False),  # ... never for older ones
+        ((9, 0), ["sm_90a"], True),  # arch-specific: that capability only
+        ((10, 0), ["sm_90a", "compute_90a"], False),
+        ((10, 3), ["sm_100f"], True),  # family-specific: its major, newer minors
+        ((12, 0), ["sm_100", "sm_110"], False),
+        ((7, 5), [], False),
+    ],
+)
 def test_kernel_image_compatibility_rule(capability, codes, runs):
     assert image_runs_on(capability, codes) is runs
 
@@ -126,7 +162,8 @@ def test_the_build_records_its_architectures():
     assert codes and parse_arch_list(format_codes(codes)) == codes
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):  # make test: the list the Makefile built with
         assert format_codes(codes) == format_codes(parse_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])), (
-            "dino_detr._C was built for another TORCH_CUDA_ARCH_LIST; rebuild it")
+            "dino_detr._C was built for another TORCH_CUDA_ARCH_LIST; rebuild it"
+        )
 
 
 def _make_variables(env_changes, *names):
@@ -137,8 +174,9 @@ def _make_variables(env_changes, *names):
             env.pop(key, None)
         else:
             env[key] = value
-    out = subprocess.run(["make", "-C", str(REPO), "-n", "-p", "setup"], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["make", "-C", str(REPO), "-n", "-p", "setup"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     found = dict(re.findall(r"^(\w+) :?= (.*)$", out, flags=re.M))
     return [found.get(name) for name in names]
 
@@ -149,12 +187,13 @@ def test_makefile_prefers_the_users_cuda_home_nvcc_and_jobs(tmp_path):
     nvcc = toolkit / "bin" / "nvcc"
     nvcc.write_text(f"#!/bin/sh\necho '#$ TOP={toolkit}/bin/..'\n")
     nvcc.chmod(0o755)
-    assert _make_variables({"CUDA_HOME": str(toolkit), "MAX_JOBS": "7"}, "CUDA_HOME", "MAX_JOBS") == [
-        str(toolkit), "7"]
+    assert _make_variables({"CUDA_HOME": str(toolkit), "MAX_JOBS": "7"}, "CUDA_HOME", "MAX_JOBS") == [str(toolkit), "7"]
     # No CUDA_HOME: the toolkit of the nvcc on PATH (it names its root), and two jobs.
     wrapper = tmp_path / "bin"
     wrapper.mkdir()
     (wrapper / "nvcc").symlink_to(nvcc)
     path = f"{wrapper}:{os.environ['PATH']}"
     assert _make_variables({"CUDA_HOME": None, "MAX_JOBS": None, "PATH": path}, "CUDA_HOME", "MAX_JOBS") == [
-        str(toolkit), "2"]
+        str(toolkit),
+        "2",
+    ]

@@ -1,6 +1,7 @@
 """The GPU check and the kernel benchmark's bandwidth floor, on the CPU: the bytes the op must
 move (hand-computed), DINO's shapes, one benchmark measurement, the plan of `make gpu-check`
 and its clear failure without a GPU."""
+
 import importlib.util
 import subprocess
 import sys
@@ -37,8 +38,12 @@ def test_bytes_the_op_must_move():
 def test_value_rows_the_samples_touch():
     """One 2x2 level, two heads, two points each: the corners inside the map, counted once."""
     shapes, starts = torch.tensor([[2, 2]]), torch.tensor([0])
-    locations = torch.tensor([[(0.5, 0.5), (0.1, 0.1)],    # head 0: all 4 pixels; then pixel (0, 0) again
-                              [(0.1, 0.1), (0.9, 0.1)]])   # head 1: pixel (0, 0); pixel (x=1, y=0)
+    locations = torch.tensor(
+        [
+            [(0.5, 0.5), (0.1, 0.1)],  # head 0: all 4 pixels; then pixel (0, 0) again
+            [(0.1, 0.1), (0.9, 0.1)],
+        ]
+    )  # head 1: pixel (0, 0); pixel (x=1, y=0)
     assert value_rows_read(shapes, starts, locations.view(1, 1, 2, 1, 2, 2)) == 4 + 2
     assert value_rows_read(shapes, starts, torch.full((1, 1, 2, 1, 2, 2), 2.0)) == 0  # outside: nothing
     # forward with those 6 rows of D=4 float32 instead of the whole value (2 heads * 4 positions)
@@ -81,9 +86,11 @@ def test_gpu_check_plan():
 
 
 def test_gpu_tests_skipped_on_a_gpu_machine_are_failures():
-    output = ("SKIPPED [12] tests/test_ms_deform_attn_cuda.py:12: needs a GPU and dino_detr._C\n"
-              "SKIPPED [1] tests/test_x.py:3: scipy missing\n"
-              "SKIPPED [1] tests/test_gpu_check.py:74: checks the failure without a GPU\n1 passed, 14 skipped\n")
+    output = (
+        "SKIPPED [12] tests/test_ms_deform_attn_cuda.py:12: needs a GPU and dino_detr._C\n"
+        "SKIPPED [1] tests/test_x.py:3: scipy missing\n"
+        "SKIPPED [1] tests/test_gpu_check.py:74: checks the failure without a GPU\n1 passed, 14 skipped\n"
+    )
     assert gpu_check.gpu_skips(output) == [output.splitlines()[0]]
 
 

@@ -13,6 +13,7 @@ input and output whole) over the measured device copy bandwidth (dino_detr/analy
     python tools/benchmark_ms_deform_attn.py [--device cpu|cuda] [--dtype float16] [--size 800 1333]
         [--cases encoder decoder] [--batches 1 2] [--threads 2] [--json out.json] [--markdown out.md]
 """
+
 import argparse
 import json
 import math
@@ -85,12 +86,23 @@ def make_inputs(case: str, batch: int, levels: list, device: str, dtype):
     loc = boxes[..., :2] + offsets * 0.5 * boxes[..., 2:]
     weights = torch.rand(batch, queries, HEADS, len(levels), POINTS, generator=g)
     weights = weights / weights.sum((-1, -2), keepdim=True)
-    return [t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in
-            (value, shapes, starts, loc, weights)]
+    return [
+        t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        for t in (value, shapes, starts, loc, weights)
+    ]
 
 
-def run_case(impl: str, case: str, batch: int, backward: bool, levels: list, device: str, dtype_name: str,
-             repeats: int, threads: int) -> dict:
+def run_case(
+    impl: str,
+    case: str,
+    batch: int,
+    backward: bool,
+    levels: list,
+    device: str,
+    dtype_name: str,
+    repeats: int,
+    threads: int,
+) -> dict:
     """One measurement in this process: median seconds, peak memory in MiB, and the bytes the
     op must move (forward, or forward + backward)."""
     import torch
@@ -129,19 +141,41 @@ def run_case(impl: str, case: str, batch: int, backward: bool, levels: list, dev
     else:
         peak = (rss_kib("VmHWM") - base) / 1024
     forward_bytes, backward_bytes = ms_deform_attn_bytes(
-        batch, value.shape[1], queries, HEADS, CHANNELS, len(levels), POINTS, value.element_size(),
-        loc.element_size(), weights.element_size(), value_rows_read(shapes, starts, loc))
-    return {"impl": impl, "case": case, "batch": batch, "backward": backward,
-            "seconds": median_seconds(step, dev, repeats, warmup=0), "peak_mib": peak,
-            "bytes": forward_bytes + (backward_bytes if backward else 0)}
+        batch,
+        value.shape[1],
+        queries,
+        HEADS,
+        CHANNELS,
+        len(levels),
+        POINTS,
+        value.element_size(),
+        loc.element_size(),
+        weights.element_size(),
+        value_rows_read(shapes, starts, loc),
+    )
+    return {
+        "impl": impl,
+        "case": case,
+        "batch": batch,
+        "backward": backward,
+        "seconds": median_seconds(step, dev, repeats, warmup=0),
+        "peak_mib": peak,
+        "bytes": forward_bytes + (backward_bytes if backward else 0),
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--size", type=int, nargs=2, default=[800, 1216], metavar=("H", "W"),
-                        help="image size whose feature maps the op reads (default 800 1216)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=[800, 1216],
+        metavar=("H", "W"),
+        help="image size whose feature maps the op reads (default 800 1216)",
+    )
     parser.add_argument("--cases", nargs="+", default=["encoder", "decoder"], choices=["encoder", "decoder"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -155,8 +189,13 @@ def main():
 
     if args.case:
         impl, case, batch, backward = args.case.split(":")
-        print(json.dumps(run_case(impl, case, int(batch), backward == "1", levels, args.device, args.dtype,
-                                  args.repeats, args.threads)))
+        print(
+            json.dumps(
+                run_case(
+                    impl, case, int(batch), backward == "1", levels, args.device, args.dtype, args.repeats, args.threads
+                )
+            )
+        )
         return
 
     import torch
@@ -171,9 +210,22 @@ def main():
             for backward in (False, True):
                 result = {}
                 for impl in ("native", "reference"):
-                    cmd = [sys.executable, __file__, "--case", f"{impl}:{case}:{batch}:{int(backward)}",
-                           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-                           "--repeats", str(args.repeats), "--size", *map(str, args.size)]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--case",
+                        f"{impl}:{case}:{batch}:{int(backward)}",
+                        "--device",
+                        args.device,
+                        "--dtype",
+                        args.dtype,
+                        "--threads",
+                        str(args.threads),
+                        "--repeats",
+                        str(args.repeats),
+                        "--size",
+                        *map(str, args.size),
+                    ]
                     # Large blocks mmapped and unmapped on free: the resident size then follows the
                     # tensors alive, and the reset peak measures what this op allocates.
                     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
@@ -181,21 +233,34 @@ def main():
                     result[impl] = json.loads(out.strip().splitlines()[-1])
                 native, reference = result["native"], result["reference"]
                 row = {
-                    "case": case, "queries": num_queries(case, levels), "batch": batch,
+                    "case": case,
+                    "queries": num_queries(case, levels),
+                    "batch": batch,
                     "pass": "forward+backward" if backward else "forward",
-                    "native_ms": 1e3 * native["seconds"], "reference_ms": 1e3 * reference["seconds"],
-                    "native_peak_mib": native["peak_mib"], "reference_peak_mib": reference["peak_mib"],
-                    "bytes": native["bytes"], "bandwidth_floor_ms": 1e3 * native["bytes"] / bandwidth,
+                    "native_ms": 1e3 * native["seconds"],
+                    "reference_ms": 1e3 * reference["seconds"],
+                    "native_peak_mib": native["peak_mib"],
+                    "reference_peak_mib": reference["peak_mib"],
+                    "bytes": native["bytes"],
+                    "bandwidth_floor_ms": 1e3 * native["bytes"] / bandwidth,
                 }
                 row["speedup"] = row["reference_ms"] / row["native_ms"]
                 row["native_over_floor"] = row["native_ms"] / row["bandwidth_floor_ms"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
 
-    header = {"machine": machine_name(args.device), "device": args.device, "dtype": args.dtype,
-              "threads": args.threads, "torch": torch.__version__, "repeats": args.repeats,
-              "size": args.size, "levels": levels, "copy_bandwidth_gb_s": bandwidth / 1e9,
-              "command": "python " + " ".join(sys.argv)}
+    header = {
+        "machine": machine_name(args.device),
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "size": args.size,
+        "levels": levels,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "command": "python " + " ".join(sys.argv),
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": header, "rows": rows}, f, indent=1)

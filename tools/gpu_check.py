@@ -15,6 +15,7 @@ when a step fails, and at once when torch sees no GPU.
 
     python tools/gpu_check.py [--results projects/dino_detr/results] [--demo-iters 300] [--only STEP ...] [--dry-run]
 """
+
 import argparse
 import json
 import os
@@ -38,14 +39,18 @@ KERNEL_IMAGE = (
 
 def gpu_test_files(tests_dir: Path) -> list:
     """The test files that run on CUDA (they skip without it)."""
-    return sorted(str(p.relative_to(REPO)) for p in tests_dir.glob("test_*.py")
-                  if "torch.cuda.is_available()" in p.read_text())
+    return sorted(
+        str(p.relative_to(REPO)) for p in tests_dir.glob("test_*.py") if "torch.cuda.is_available()" in p.read_text()
+    )
 
 
 def gpu_skips(pytest_output: str) -> list:
     """The ``-rs`` lines of tests skipped for want of a GPU or CUDA ("needs a GPU ...")."""
-    return [line for line in pytest_output.splitlines() if line.startswith("SKIPPED")
-            and re.search(r"needs (a )?(GPU|CUDA)|CUDA is not available|no GPU", line, re.I)]
+    return [
+        line
+        for line in pytest_output.splitlines()
+        if line.startswith("SKIPPED") and re.search(r"needs (a )?(GPU|CUDA)|CUDA is not available|no GPU", line, re.I)
+    ]
 
 
 def compute_sanitizer() -> str:
@@ -60,35 +65,117 @@ def plan(out_dir: Path, demo_iters: int) -> list:
     pytest = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
     tests = gpu_test_files(REPO / "tests")
     steps = [
-        {"name": "build", "argv": [py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
-         "env": {"FORCE_CUDA": "1"}, "unset": ["TORCH_CUDA_ARCH_LIST"]},
+        {
+            "name": "build",
+            "argv": [py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
+            "env": {"FORCE_CUDA": "1"},
+            "unset": ["TORCH_CUDA_ARCH_LIST"],
+        },
         {"name": "kernel-image", "argv": [py, "-c", KERNEL_IMAGE]},
         {"name": "tests", "argv": pytest + tests, "env": {"DINO_DETR_REQUIRE_EXT": "1"}},
     ]
     for tool in SANITIZER_TOOLS:
         # Without the caching allocator every tensor is its own allocation, so memcheck sees its bounds.
-        steps.append({"name": tool, "argv": [compute_sanitizer(), "--tool", tool, "--error-exitcode", "1",
-                                             *pytest, "-x", "tests/test_ms_deform_attn_cuda.py"],
-                      "env": {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}})
+        steps.append(
+            {
+                "name": tool,
+                "argv": [
+                    compute_sanitizer(),
+                    "--tool",
+                    tool,
+                    "--error-exitcode",
+                    "1",
+                    *pytest,
+                    "-x",
+                    "tests/test_ms_deform_attn_cuda.py",
+                ],
+                "env": {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+            }
+        )
     for dtype in DTYPES:
         for case, batch in MSDA_CASES.items():
             name = f"msda-{dtype}-{case}"
-            steps.append({"name": name, "result": str(out_dir / f"{name}.json"), "argv": [
-                py, "tools/benchmark_ms_deform_attn.py", "--device", "cuda", "--dtype", dtype, "--size", *IMAGE,
-                "--cases", case, "--batches", str(batch), "--repeats", "100", "--threads", "1",
-                "--json", str(out_dir / f"{name}.json"), "--markdown", str(out_dir / f"{name}.md")]})
+            steps.append(
+                {
+                    "name": name,
+                    "result": str(out_dir / f"{name}.json"),
+                    "argv": [
+                        py,
+                        "tools/benchmark_ms_deform_attn.py",
+                        "--device",
+                        "cuda",
+                        "--dtype",
+                        dtype,
+                        "--size",
+                        *IMAGE,
+                        "--cases",
+                        case,
+                        "--batches",
+                        str(batch),
+                        "--repeats",
+                        "100",
+                        "--threads",
+                        "1",
+                        "--json",
+                        str(out_dir / f"{name}.json"),
+                        "--markdown",
+                        str(out_dir / f"{name}.md"),
+                    ],
+                }
+            )
     for name, extra in (("model-fp32", []), ("model-amp", ["--amp"])):
-        steps.append({"name": name, "result": str(out_dir / f"{name}.json"), "argv": [
-            py, "tools/benchmark.py", "--config-file", "configs/dino_r50_4scale.yaml", "--device", "cuda",
-            "--size", *IMAGE, "--train", "--warmup", "3", "--repeats", "20", *extra,
-            "--json", str(out_dir / f"{name}.json")]})
-    for name, extra in (("demo-fp32", []), ("demo-bf16", ["SOLVER.AMP.ENABLED", "True",
-                                                          "SOLVER.AMP.PRECISION", "bfloat16"])):
+        steps.append(
+            {
+                "name": name,
+                "result": str(out_dir / f"{name}.json"),
+                "argv": [
+                    py,
+                    "tools/benchmark.py",
+                    "--config-file",
+                    "configs/dino_r50_4scale.yaml",
+                    "--device",
+                    "cuda",
+                    "--size",
+                    *IMAGE,
+                    "--train",
+                    "--warmup",
+                    "3",
+                    "--repeats",
+                    "20",
+                    *extra,
+                    "--json",
+                    str(out_dir / f"{name}.json"),
+                ],
+            }
+        )
+    for name, extra in (
+        ("demo-fp32", []),
+        ("demo-bf16", ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16"]),
+    ):
         output = REPO / "output" / "gpu_check" / name
-        steps.append({"name": name, "result": str(output / "demo_results.json"), "argv": [
-            py, "tools/run_demo.py", "--output-dir", str(output), "--num-vis", "4", "MODEL.DEVICE", "cuda",
-            "SOLVER.MAX_ITER", str(demo_iters), "SOLVER.STEPS", f"({int(demo_iters * 0.85)},)",
-            "SOLVER.CHECKPOINT_PERIOD", str(demo_iters), *extra]})
+        steps.append(
+            {
+                "name": name,
+                "result": str(output / "demo_results.json"),
+                "argv": [
+                    py,
+                    "tools/run_demo.py",
+                    "--output-dir",
+                    str(output),
+                    "--num-vis",
+                    "4",
+                    "MODEL.DEVICE",
+                    "cuda",
+                    "SOLVER.MAX_ITER",
+                    str(demo_iters),
+                    "SOLVER.STEPS",
+                    f"({int(demo_iters * 0.85)},)",
+                    "SOLVER.CHECKPOINT_PERIOD",
+                    str(demo_iters),
+                    *extra,
+                ],
+            }
+        )
     return steps
 
 
@@ -108,8 +195,13 @@ def run_step(step: dict, log_path: Path) -> dict:
         except FileNotFoundError as e:  # e.g. a CUDA toolkit without compute-sanitizer
             log.write(f"{e}\n")
             rc = 127
-    record = {"name": step["name"], "command": " ".join(step["argv"]), "returncode": rc,
-              "seconds": round(time.perf_counter() - start, 1), "log": _shown(log_path)}
+    record = {
+        "name": step["name"],
+        "command": " ".join(step["argv"]),
+        "returncode": rc,
+        "seconds": round(time.perf_counter() - start, 1),
+        "log": _shown(log_path),
+    }
     output = log_path.read_text()
     if step["name"] == "tests" and rc == 0 and gpu_skips(output):
         record["returncode"], record["error"] = 1, "GPU tests skipped on a GPU machine: " + "; ".join(gpu_skips(output))
@@ -131,11 +223,24 @@ def gpu_description() -> dict:
             "Run it on a machine with a GPU and its driver; `make test` checks everything else."
         )
     props = torch.cuda.get_device_properties(0)
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
-                            capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else None
-    return {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}",
-            "memory_gib": round(props.total_memory / 2**30, 1), "gpu_count": torch.cuda.device_count(),
-            "driver": driver, "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    driver = (
+        subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if shutil.which("nvidia-smi")
+        else None
+    )
+    return {
+        "gpu": props.name,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "gpu_count": torch.cuda.device_count(),
+        "driver": driver,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+    }
 
 
 def main(argv=None):

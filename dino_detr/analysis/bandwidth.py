@@ -1,17 +1,29 @@
 """Memory-bandwidth floor of multi-scale deformable attention: the bytes the op must read and
 write at least once, over the device's measured copy bandwidth. A kernel at the floor is
 limited by memory traffic alone; the ratio ``measured / floor`` is how far it is from that."""
+
 import statistics
 import time
+from typing import Optional
 
 import torch
 
 __all__ = ["ms_deform_attn_bytes", "value_rows_read", "median_seconds", "copy_bandwidth"]
 
 
-def ms_deform_attn_bytes(batch: int, spatial: int, queries: int, heads: int, channels: int, levels: int,
-                         points: int, value_bytes: int, location_bytes: int, weight_bytes: int,
-                         rows_read: int = None) -> tuple:
+def ms_deform_attn_bytes(
+    batch: int,
+    spatial: int,
+    queries: int,
+    heads: int,
+    channels: int,
+    levels: int,
+    points: int,
+    value_bytes: int,
+    location_bytes: int,
+    weight_bytes: int,
+    rows_read: Optional[int] = None,
+) -> tuple:
     """(forward, backward) bytes the op reads and writes once each.
 
     Forward reads the ``rows_read`` (n, s, m) rows of ``value`` (N, S, M, D) that bilinear
@@ -32,8 +44,9 @@ def ms_deform_attn_bytes(batch: int, spatial: int, queries: int, heads: int, cha
 
 
 @torch.no_grad()
-def value_rows_read(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                    sampling_locations: torch.Tensor) -> int:
+def value_rows_read(
+    spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, sampling_locations: torch.Tensor
+) -> int:
     """How many distinct (n, s, m) rows of ``value`` the bilinear samples touch: the in-map
     corners of every sample (``align_corners=False``: pixel centres at (i + 0.5) / W)."""
     n, _, m, _, _, _ = sampling_locations.shape
@@ -50,7 +63,7 @@ def value_rows_read(spatial_shapes: torch.Tensor, level_start_index: torch.Tenso
     for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
         cx, cy = x0 + dx, y0 + dy
         inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
-        row = ((batch * spatial + start + cy * w + cx) * m + head)
+        row = (batch * spatial + start + cy * w + cx) * m + head
         rows.append(row[inside])
     return int(torch.unique(torch.cat(rows)).numel())
 

@@ -3,6 +3,7 @@
 Detectron2 v0.6's ``AMPTrainer`` autocasts to float16 on CUDA only (``precision=`` came in
 later versions); this loop is written against the ``SimpleTrainer`` API both share.
 """
+
 import time
 
 import torch

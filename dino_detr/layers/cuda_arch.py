@@ -9,6 +9,7 @@ Suffixed variants (``sm_90a``, ``sm_100f``) run on exactly that capability / tha
 (:func:`resolve_build_codes`); the op calls :func:`check_kernel_image` before its first CUDA
 launch on a device, so a build without a usable image fails with one clear error.
 """
+
 import functools
 import re
 import subprocess
@@ -16,8 +17,13 @@ import subprocess
 import torch
 
 __all__ = [
-    "parse_arch_list", "gencode_flags", "nvcc_sass_codes", "resolve_build_codes", "image_runs_on",
-    "missing_image_message", "check_kernel_image",
+    "parse_arch_list",
+    "gencode_flags",
+    "nvcc_sass_codes",
+    "resolve_build_codes",
+    "image_runs_on",
+    "missing_image_message",
+    "check_kernel_image",
 ]
 
 # The default build covers every architecture of the installed nvcc from Turing up to Blackwell.
@@ -29,7 +35,7 @@ REBUILD = "pip install --no-build-isolation --no-deps -e ."
 
 
 def _split_code(code: str):
-    """"sm_90a" -> ("sm", (9, 0), "a")."""
+    """ "sm_90a" -> ("sm", (9, 0), "a")."""
     match = _CODE.fullmatch(code)
     if match is None:
         raise ValueError(f"not an nvcc architecture name: {code!r} (expected e.g. 'sm_86' or 'compute_90')")
@@ -161,14 +167,12 @@ def _built_codes() -> list:
     return listed.split(",") if listed else []
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _checked(index: int) -> None:
     codes = _built_codes()
     capability = torch.cuda.get_device_capability(index)
     if not image_runs_on(capability, codes):
-        raise RuntimeError(
-            missing_image_message(f"cuda:{index}", torch.cuda.get_device_name(index), capability, codes)
-        )
+        raise RuntimeError(missing_image_message(f"cuda:{index}", torch.cuda.get_device_name(index), capability, codes))
 
 
 def check_kernel_image(device: torch.device) -> None:
