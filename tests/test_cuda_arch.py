@@ -197,3 +197,8 @@ def test_makefile_prefers_the_users_cuda_home_nvcc_and_jobs(tmp_path):
         str(toolkit),
         "2",
     ]
+
+
+def test_a_build_that_does_not_list_its_architectures_is_not_refused(fake_gpu, monkeypatch):
+    monkeypatch.setattr(cuda_arch, "_built_codes", lambda: None)  # e.g. compiled without setup.py
+    check_kernel_image(torch.device("cuda", 0))  # a T4: left to CUDA's own error, if any

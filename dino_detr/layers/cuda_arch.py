@@ -13,6 +13,7 @@ launch on a device, so a build without a usable image fails with one clear error
 import functools
 import re
 import subprocess
+from typing import Optional
 
 import torch
 
@@ -155,7 +156,8 @@ def missing_image_message(device: str, name: str, capability, codes) -> str:
     )
 
 
-def _built_codes() -> list:
+def _built_codes() -> Optional[list]:
+    """The codes dino_detr._C was built for; None when it does not say (built without setup.py)."""
     from dino_detr import _C
 
     if not _C.WITH_CUDA:
@@ -164,12 +166,14 @@ def _built_codes() -> list:
             f"toolkit found (CUDA_HOME, or FORCE_CUDA=1): {REBUILD}"
         )
     listed = torch.ops.dino_detr.cuda_arch_list()
-    return listed.split(",") if listed else []
+    return listed.split(",") if listed else None
 
 
 @functools.cache
 def _checked(index: int) -> None:
     codes = _built_codes()
+    if codes is None:
+        return
     capability = torch.cuda.get_device_capability(index)
     if not image_runs_on(capability, codes):
         raise RuntimeError(missing_image_message(f"cuda:{index}", torch.cuda.get_device_name(index), capability, codes))
