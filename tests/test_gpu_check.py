@@ -99,3 +99,45 @@ def test_gpu_check_fails_clearly_without_a_gpu():
     run = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py")], capture_output=True, text=True)
     assert run.returncode == 1
     assert "gpu-check needs an NVIDIA GPU, and torch sees none" in run.stderr
+
+
+def test_gpu_check_summary_tables():
+    msda_row = {
+        "case": "decoder",
+        "queries": 1100,
+        "batch": 8,
+        "pass": "forward",
+        "native_ms": 0.5,
+        "reference_ms": 5.0,
+        "bandwidth_floor_ms": 0.05,
+        "native_over_floor": 10.0,
+    }
+    model = {
+        "model": "dino_r50_4scale",
+        "amp": True,
+        "input": [800, 1333],
+        "train_batch": 2,
+        "inference": {"latency_s": 0.05, "peak_mem_mib": 1500.0},
+        "training": {"iter_s": 0.2, "peak_mem_mib": 9000.0},
+    }
+    demo = {"bbox": {"AP": 41.5, "AP50": 60.25}, "train_and_eval_seconds": 95.0, "max_iter": 300}
+    summary = {
+        "gpu": "NVIDIA H200",
+        "compute_capability": "9.0",
+        "driver": "570.1",
+        "torch": "2.14.1",
+        "torch_cuda": "13.0",
+        "command": "python tools/gpu_check.py",
+        "steps": [
+            {"name": "racecheck", "returncode": 1, "seconds": 12.0},
+            {"name": "msda-bfloat16-decoder", "returncode": 0, "seconds": 30.0, "result": {"rows": [msda_row]}},
+            {"name": "model-amp", "returncode": 0, "seconds": 60.0, "result": model},
+            {"name": "demo-bf16", "returncode": 0, "seconds": 99.0, "result": demo},
+        ],
+    }
+    table = gpu_check.summary_markdown(summary)
+    assert "GPU check on NVIDIA H200 (compute capability 9.0" in table
+    assert "| racecheck | **failed** (exit 1) | 12.0 |" in table
+    assert "| bfloat16 | decoder (1100) | 8 | forward | 0.500 | 5.000 | 0.050 | 10.0x |" in table
+    assert "| dino_r50_4scale | True | 800x1333 | 50.0 | 1500 | 0.200 (2) | 9000 |" in table
+    assert "| demo-bf16 | 300 | 41.5 | 60.2 | 95.0 |" in table

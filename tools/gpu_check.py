@@ -10,7 +10,7 @@ Steps (each one's output in <results>/gpu_check_<gpu>/<step>.log):
                               batch 2 at 800x1333; decoder: 1100 queries, batch 8), forward and backward
   model-fp32, model-amp       tools/benchmark.py on dino_r50_4scale at 800x1333 (inference and training)
   demo-fp32, demo-bf16        a few hundred iterations of the demo config, then its evaluation
-Every number, with the GPU named, goes to <results>/gpu_check_<gpu>.json. The command fails
+Every number, with the GPU named, goes to <results>/gpu_check_<gpu>.json (tables in .md). The command fails
 when a step fails, and at once when torch sees no GPU.
 
     python tools/gpu_check.py [--results projects/dino_detr/results] [--demo-iters 300] [--only STEP ...] [--dry-run]
@@ -212,6 +212,56 @@ def run_step(step: dict, log_path: Path) -> dict:
     return record
 
 
+def summary_markdown(summary: dict) -> str:
+    """The numbers of a run as Markdown tables: steps, MSDA vs its floor, model, demo."""
+    lines = [
+        f"GPU check on {summary['gpu']} (compute capability {summary['compute_capability']}, driver "
+        f"{summary['driver']}, torch {summary['torch']}, CUDA {summary['torch_cuda']}).",
+        f"Command: `{summary['command']}`",
+        "",
+        "| step | result | seconds |",
+        "|---|---|---|",
+    ]
+    for r in summary["steps"]:
+        status = "ok" if r["returncode"] == 0 else f"**failed** ({r.get('error', 'exit ' + str(r['returncode']))})"
+        lines.append(f"| {r['name']} | {status} | {r['seconds']} |")
+    results = {r["name"]: r["result"] for r in summary["steps"] if "result" in r}
+    msda = [(name, row) for name, result in results.items() if name.startswith("msda-") for row in result["rows"]]
+    if msda:
+        lines += [
+            "",
+            "| dtype | case (queries) | batch | pass | native ms | reference ms | floor ms | native / floor |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in msda:
+            lines.append(
+                f"| {name.split('-')[1]} | {r['case']} ({r['queries']}) | {r['batch']} | {r['pass']} | "
+                f"{r['native_ms']:.3f} | {r['reference_ms']:.3f} | {r['bandwidth_floor_ms']:.3f} | "
+                f"{r['native_over_floor']:.1f}x |"
+            )
+    models = [r for name, r in results.items() if name.startswith("model-")]
+    if models:
+        lines += ["", "| model | AMP | input | inference ms | peak MiB | training s/iter (batch) | peak MiB |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in models:
+            train = r.get("training", {})
+            lines.append(
+                f"| {r['model']} | {r['amp']} | {r['input'][0]}x{r['input'][1]} | "
+                f"{1e3 * r['inference']['latency_s']:.1f} | {r['inference']['peak_mem_mib']:.0f} | "
+                f"{train.get('iter_s', float('nan')):.3f} ({r.get('train_batch', '-')}) | "
+                f"{train.get('peak_mem_mib', float('nan')):.0f} |"
+            )
+    demos = [(name, r) for name, r in results.items() if name.startswith("demo-")]
+    if demos:
+        lines += ["", "| demo run | iterations | AP | AP50 | training + evaluation s |", "|---|---|---|---|---|"]
+        for name, r in demos:
+            lines.append(
+                f"| {name} | {r['max_iter']} | {r['bbox']['AP']:.1f} | {r['bbox']['AP50']:.1f} | "
+                f"{r['train_and_eval_seconds']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def gpu_description() -> dict:
     import torch
 
@@ -274,6 +324,7 @@ def main(argv=None):
         record = run_step(step, out_dir / f"{step['name']}.log")
         summary["steps"].append(record)
         summary_path.write_text(json.dumps(summary, indent=1))
+        summary_path.with_suffix(".md").write_text(summary_markdown(summary))
         status = "ok" if record["returncode"] == 0 else f"FAILED (see {record['log']})"
         print(f"[gpu-check] {step['name']}: {status} in {record['seconds']} s", flush=True)
         if step["name"] == "build" and record["returncode"] != 0:
