@@ -1,5 +1,6 @@
 """End-to-end training tests on a tiny demo dataset (CPU): learning, eval-only, predictor,
 resume, NaN stop and two-process gradients."""
+import logging
 import math
 import os
 import socket
@@ -108,10 +109,9 @@ def test_eval_only_reproduces_final_ap(trained, trained_cli, tmp_path):
     cfg, results = trained
     sys.path.insert(0, str(REPO / "tools"))
     import train_net
-    from detectron2.engine import default_argument_parser
 
     config_file, weights = trained_cli
-    args = default_argument_parser().parse_args(
+    args = train_net.argument_parser().parse_args(
         ["--config-file", config_file, "--eval-only", *weights, "OUTPUT_DIR", str(tmp_path / "eval_only")])
     again = train_net.main(args)
     assert again["bbox"]["AP"] == pytest.approx(results["bbox"]["AP"], abs=1e-6)
@@ -308,8 +308,9 @@ def test_ema_is_checkpointed_and_used_for_evaluation(dataset, tmp_path):
     assert torch.equal(trainer.model.state_dict()[key], saved["model"][key])  # own weights restored
 
 
-def test_demo_tool_visualizes_a_folder_and_names_missing_inputs(trained, trained_cli, tmp_path):
-    """tools/demo.py: DefaultPredictor over a folder of images, one PNG per image."""
+def test_demo_tool_visualizes_a_folder_and_names_missing_inputs(trained, trained_cli, tmp_path, caplog):
+    """tools/demo.py: DefaultPredictor over folders and globs of images, one PNG per image (x.jpg and
+    x.png both kept), trailing KEY VALUE overrides; a failed write and missing weights are reported."""
     cfg, _ = trained
     sys.path.insert(0, str(REPO / "tools"))
     import demo
@@ -320,10 +321,59 @@ def test_demo_tool_visualizes_a_folder_and_names_missing_inputs(trained, trained
     folder.mkdir()
     image = cv2.imread(record["file_name"])
     cv2.imwrite(str(folder / "a.jpg"), image)
-    demo.main(["--config-file", config_file, "--input", str(folder), "--output", str(tmp_path / "vis"),
-               "--opts", *weights])
-    drawn = cv2.imread(str(tmp_path / "vis" / "a.png"))
+    cv2.imwrite(str(folder / "a.png"), image[:, ::-1])
+    cv2.imwrite(str(tmp_path / "b.png"), image)
+    written = demo.main(["--config-file", config_file, "--input", str(folder), str(tmp_path / "b*.png"),
+                         "--output", str(tmp_path / "vis"), *weights])
+    assert sorted(os.listdir(tmp_path / "vis")) == ["a.jpg.png", "a.png.png", "b.png"] and len(written) == 3
+    drawn = cv2.imread(str(tmp_path / "vis" / "a.jpg.png"))
     assert drawn is not None and drawn.shape == image.shape
+    assert not np.array_equal(drawn, cv2.imread(str(tmp_path / "vis" / "a.png.png")))
     with pytest.raises(FileNotFoundError, match="nope.png"):
         demo.main(["--config-file", config_file, "--input", str(tmp_path / "nope.png"), "--output",
-                   str(tmp_path / "vis"), "--opts", *weights])
+                   str(tmp_path / "vis"), *weights])
+    (tmp_path / "vis" / "b.png").unlink()
+    (tmp_path / "vis" / "b.png").mkdir()  # cv2.imwrite cannot write there
+    with pytest.raises(OSError, match="could not write .*b.png"):
+        demo.main(["--config-file", config_file, "--input", str(tmp_path / "b.png"), "--output",
+                   str(tmp_path / "vis"), *weights])
+    logging.getLogger("dino_detr.demo").addHandler(caplog.handler)
+    demo.main(["--config-file", config_file, "--input", str(folder / "a.png"), "--output", str(tmp_path / "random")])
+    assert "MODEL.WEIGHTS is empty: the model has random weights" in caplog.text
+
+
+def _write_video(path, frames):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, frames[0].shape[1::-1])
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+
+def test_demo_tool_writes_an_annotated_video(trained, trained_cli, tmp_path, capsys):
+    """tools/demo.py --video-input: every frame predicted, drawn and written at the input's frame rate."""
+    cfg, _ = trained
+    sys.path.insert(0, str(REPO / "tools"))
+    import demo
+
+    config_file, weights = trained_cli
+    records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:6]
+    frames = [cv2.resize(cv2.imread(r["file_name"]), (160, 128)) for r in records]
+    _write_video(tmp_path / "in.mp4", frames)
+    for output in (tmp_path / "out.avi", tmp_path):  # a file, or a folder (-> in.mp4 there)
+        written = demo.main(["--config-file", config_file, "--video-input", str(tmp_path / "in.mp4"),
+                             "--output", str(output), *weights])
+        capture = cv2.VideoCapture(written)
+        assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(5.0)
+        read = []
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            read.append(frame)
+        assert len(read) == len(frames) and read[0].shape == frames[0].shape
+        assert any(np.abs(a.astype(int) - b).mean() > 1 for a, b in zip(read, frames))  # boxes were drawn
+        assert f"{len(frames)} frame(s) in" in capsys.readouterr().out
+    assert written == str(tmp_path / "in.mp4")
+    with pytest.raises(OSError, match="camera index 97"):
+        demo.main(["--config-file", config_file, "--webcam", "97", "--output", str(tmp_path / "cam.avi"), *weights])

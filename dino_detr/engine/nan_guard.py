@@ -6,6 +6,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.events import get_event_storage
 
+from dino_detr.checkpoint.finetune import drop_mismatched_class_tensors
+
 __all__ = ["check_finite_grad_norm", "FiniteCheckpointer"]
 
 
@@ -33,7 +35,13 @@ def check_finite_grad_norm(total_norm: torch.Tensor) -> None:
 
 
 class FiniteCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that refuses to save a model holding NaN/Inf values."""
+    """``DetectionCheckpointer`` that refuses to save a model holding NaN/Inf values, and
+    loads checkpoints of another class count for fine-tuning (their class-dependent tensors
+    are re-initialised, see :func:`drop_mismatched_class_tensors`)."""
+
+    def _load_model(self, checkpoint):
+        checkpoint["model"], _ = drop_mismatched_class_tensors(checkpoint["model"], self.model)
+        return super()._load_model(checkpoint)
 
     def save(self, name: str, **kwargs) -> None:
         bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
