@@ -360,20 +360,25 @@ def test_demo_tool_writes_an_annotated_video(trained, trained_cli, tmp_path, cap
     records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:6]
     frames = [cv2.resize(cv2.imread(r["file_name"]), (160, 128)) for r in records]
     _write_video(tmp_path / "in.mp4", frames)
-    for output in (tmp_path / "out.avi", tmp_path):  # a file, or a folder (-> in.mp4 there)
-        written = demo.main(["--config-file", config_file, "--video-input", str(tmp_path / "in.mp4"),
-                             "--output", str(output), *weights])
-        capture = cv2.VideoCapture(written)
+    def read_video(path):
+        capture, frames_read = cv2.VideoCapture(path), []
         assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(5.0)
-        read = []
         while True:
             ok, frame = capture.read()
             if not ok:
-                break
-            read.append(frame)
-        assert len(read) == len(frames) and read[0].shape == frames[0].shape
-        assert any(np.abs(a.astype(int) - b).mean() > 1 for a, b in zip(read, frames))  # boxes were drawn
+                return frames_read
+            frames_read.append(frame)
+
+    drawn = {}
+    for output, threshold in ((tmp_path / "out.avi", "0.0"), (tmp_path / "plain.avi", "1.1"), (tmp_path, "0.3")):
+        written = demo.main(["--config-file", config_file, "--video-input", str(tmp_path / "in.mp4"), "--output",
+                             str(output), "--confidence-threshold", threshold, *weights])
+        drawn[written] = read_video(written)
+        assert len(drawn[written]) == len(frames) and drawn[written][0].shape == frames[0].shape
         assert f"{len(frames)} frame(s) in" in capsys.readouterr().out
-    assert written == str(tmp_path / "in.mp4")
+    assert written == str(tmp_path / "in.mp4")  # a folder as --output: <video name>.mp4 in it
+    # Boxes were drawn: the frames differ from those written without detections (same codec).
+    with_boxes, without = drawn[str(tmp_path / "out.avi")], drawn[str(tmp_path / "plain.avi")]
+    assert any(np.abs(a.astype(int) - b).max() > 60 for a, b in zip(with_boxes, without))
     with pytest.raises(OSError, match="camera index 97"):
         demo.main(["--config-file", config_file, "--webcam", "97", "--output", str(tmp_path / "cam.avi"), *weights])
