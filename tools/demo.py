@@ -3,7 +3,7 @@
 
     python tools/demo.py --config-file CFG --input img.png folder/ "more/*.jpg" --output vis/ MODEL.WEIGHTS m.pth
     python tools/demo.py --config-file CFG --video-input in.mp4 --output out.mp4 MODEL.WEIGHTS m.pth
-    python tools/demo.py --config-file CFG --webcam 0 [--output cam.avi --max-frames 300] MODEL.WEIGHTS m.pth
+    python tools/demo.py --config-file CFG --webcam 0 --output cam.avi [--max-frames 300] MODEL.WEIGHTS m.pth
 
 Class names come from the metadata of DATASETS.TEST[0] (a training run's OUTPUT_DIR/config.yaml
 names its datasets); trailing KEY VALUE pairs override the config as in tools/train_net.py.
@@ -51,22 +51,21 @@ def parse_args(argv=None):
     source.add_argument("--input", nargs="+", help="image files, folders of images and/or glob patterns")
     source.add_argument("--video-input", metavar="FILE", help="a video file")
     source.add_argument("--webcam", type=int, metavar="INDEX", help="a camera index (e.g. 0)")
-    parser.add_argument("--output", help="folder for the visualized PNGs (images), or the .mp4/.avi file "
-                                         "(video, camera; a folder gets <video name>.mp4); without it a "
-                                         "camera is shown in a window")
+    parser.add_argument("--output", required=True,
+                        help="folder for the visualized PNGs (images), or the .mp4/.avi file (video, camera; "
+                             "a folder gets <video name>.mp4)")
     parser.add_argument("--dataset", action="append", default=[], metavar="NAME=JSON:FOLDER",
                         help="register a COCO-format dataset (added to DATASETS.COCO), e.g. for its class names")
     parser.add_argument("--confidence-threshold", type=float, default=0.3)
-    parser.add_argument("--max-frames", type=int, default=0, help="video/camera: stop after N frames (0: all)")
+    parser.add_argument("--max-frames", type=int, default=0,
+                        help="video/camera: stop after N frames (0: at the end; Ctrl-C also stops)")
     args = parser.parse_args(argv[:start])
     args.opts = argv[start:]
-    if args.output is None and args.webcam is None:
-        parser.error("--output is required for --input and --video-input")
     return args
 
 
 def _video_output(args) -> str:
-    if args.output is None or not os.path.isdir(args.output):
+    if not os.path.isdir(args.output):
         return args.output
     stem = os.path.splitext(os.path.basename(args.video_input or f"camera{args.webcam}"))[0]
     return os.path.join(args.output, f"{stem}.mp4")
@@ -97,8 +96,7 @@ def main(argv=None):
     output = _video_output(args)
     frames, seconds = visualize_video(predictor, open_video(source), output, args.confidence_threshold,
                                       args.max_frames)
-    print(f"{frames} frame(s) in {seconds:.1f} s ({frames / max(seconds, 1e-9):.2f} fps)"
-          + (f"; wrote {output}" if output else ""))
+    print(f"{frames} frame(s) in {seconds:.1f} s ({frames / max(seconds, 1e-9):.2f} fps); wrote {output}")
     return output
 
 

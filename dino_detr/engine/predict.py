@@ -7,9 +7,10 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, List, Tuple, Union
 
 import cv2
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.video_visualizer import VideoVisualizer
@@ -114,12 +115,11 @@ def _video_writer(path: str, fps: float, width: int, height: int) -> cv2.VideoWr
     return writer
 
 
-def visualize_video(predictor: DefaultPredictor, capture: cv2.VideoCapture, output: Optional[str],
+def visualize_video(predictor: DefaultPredictor, capture: cv2.VideoCapture, output: str,
                     score_threshold: float = 0.3, max_frames: int = 0) -> Tuple[int, float]:
     """Runs ``predictor`` on the frames of ``capture`` and writes them with the detections
     drawn (``VideoVisualizer``, stable colours per track) to the video file ``output``
-    (same frame rate; ".mp4" or ".avi"), or shows them in a window when ``output`` is None
-    (Esc stops).
+    (".mp4" or ".avi", the source's frame rate). Ctrl-C stops early and keeps the video.
 
     Args:
         max_frames: stop after this many frames (0: until the source ends).
@@ -138,14 +138,11 @@ def visualize_video(predictor: DefaultPredictor, capture: cv2.VideoCapture, outp
             instances = predictor(frame)["instances"].to("cpu")
             instances = instances[instances.scores >= score_threshold]
             drawn = visualizer.draw_instance_predictions(frame[:, :, ::-1], instances).get_image()[:, :, ::-1]
-            if output is None:
-                cv2.imshow("DINO", drawn)
-                if cv2.waitKey(1) == 27:
-                    break
-            else:
-                writer = writer or _video_writer(output, fps, drawn.shape[1], drawn.shape[0])
-                writer.write(drawn)
+            writer = writer or _video_writer(output, fps, drawn.shape[1], drawn.shape[0])
+            writer.write(np.ascontiguousarray(drawn))
             frames += 1
+    except KeyboardInterrupt:
+        logger.info(f"interrupted after {frames} frame(s); {output} keeps them")
     finally:
         capture.release()
         if writer is not None:
