@@ -59,7 +59,8 @@ def _write_images(root):
 
 def _good_coco(root):
     sizes = _write_images(root)
-    images = [{"id": i + 10, "file_name": name, "width": w, "height": h} for i, (name, (w, h)) in enumerate(sizes.items())]
+    images = [{"id": i + 10, "file_name": name, "width": w, "height": h}
+              for i, (name, (w, h)) in enumerate(sizes.items())]
     anns = [
         {"id": 1, "image_id": 10, "category_id": 0, "bbox": [5, 5, 20, 15], "area": 300, "iscrowd": 0},
         {"id": 2, "image_id": 10, "category_id": 9, "bbox": [50, 30, 30, 30], "area": 900, "iscrowd": 0},  # clipped
@@ -184,7 +185,8 @@ def test_datasets_from_config_and_command_line(good, tmp_path):
     assert parse_dataset_option(f"own_cli={json_file}:{root}") == ["own_cli", json_file, root]
     with pytest.raises(ValueError, match="NAME=ANNOTATION_JSON:IMAGE_FOLDER"):
         parse_dataset_option(json_file)
-    cfg = get_dino_cfg(REPO / "configs" / "dino_demo.yaml", ["DATASETS.COCO", f"[['own_cli', '{json_file}', '{root}']]"])
+    override = ["DATASETS.COCO", f"[['own_cli', '{json_file}', '{root}']]"]
+    cfg = get_dino_cfg(REPO / "configs" / "dino_demo.yaml", override)
     register_config_datasets(cfg)
     assert MetadataCatalog.get("own_cli").json_file == json_file
     cfg.DATASETS.COCO = [["own_cli", str(tmp_path / "other.json"), root]]

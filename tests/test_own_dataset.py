@@ -114,8 +114,8 @@ def test_num_classes_mismatch_stops_before_training(tmp_path, monkeypatch):
 
     args = train_net.argument_parser().parse_args([
         "--config-file", DEMO_CONFIG, "--dataset",
-        f"mismatch_train={root / 'annotations' / 'train.json'}:{root / 'train'}", "DATASETS.TRAIN", "('mismatch_train',)",
-        "DATASETS.TEST", "()", "MODEL.DINO.NUM_CLASSES", "2",
+        f"mismatch_train={root / 'annotations' / 'train.json'}:{root / 'train'}",
+        "DATASETS.TRAIN", "('mismatch_train',)", "DATASETS.TEST", "()", "MODEL.DINO.NUM_CLASSES", "2",
         "OUTPUT_DIR", str(tmp_path / "out"), *SMALL])
     with pytest.raises(ValueError, match=r"MODEL.DINO.NUM_CLASSES is 2 but the training dataset 'mismatch_train' has 3 "
                                          r"categories .*set MODEL.DINO.NUM_CLASSES 3"):

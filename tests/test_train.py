@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, HookBase
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.env import seed_all_rng
 
 import dino_detr.data  # noqa: F401
-from dino_detr.data import DemoSpec, ensure_demo_dataset, register_coco_dataset
+from dino_detr.data import register_coco_dataset
 from dino_detr.engine import DinoTrainer
 
 from train_utils import REPO, ci_cfg, ci_dataset
@@ -386,28 +386,32 @@ def test_demo_tool_writes_an_annotated_video(trained, trained_cli, tmp_path, cap
         demo.main(["--config-file", config_file, "--webcam", "97", "--output", str(tmp_path / "cam.avi"), *weights])
 
 
-# Fine-tuning the `trained` 4-class model to a 2-class subset (other images, COCO JSON with non-contiguous
-# category ids) vs. the same FINETUNE_ITERS from random initialisation, AP on the subset's val split.
-FINETUNE_ITERS = 60
-FINETUNE_MARGIN = 2.0  # AP points
-SUBSET_SPEC = DemoSpec(seed=11, splits={"train": 24, "val": 12}, min_side=128, max_side=160, max_objects=3,
-                       empty_fraction=0.1, min_object_size=32.0, max_object_size=72.0)
+# Fine-tuning the `trained` 4-class model to a 2-class COCO JSON subset (non-contiguous category ids) of the
+# CI images vs. the same FINETUNE_ITERS from random initialisation; AP on the subset's val split (images
+# 11-16; the pretraining saw them with 4 classes, so this measures that the loaded weights are used, not
+# generalisation). Measured on the 2-core CPU (seeds 0, 1, 2): AP FINETUNED vs RANDOM.
+FINETUNE_ITERS = 40
+FINETUNE_MARGIN = 8.0  # AP points
 SUBSET_CATEGORIES = {2: "rectangle", 4: "star"}
+SUBSET_VAL_IDS = range(11, 17)
 
 
 @pytest.fixture(scope="module")
-def two_class_subset(tmp_path_factory):
-    """dino_sub_train / dino_sub_val: COCO JSON files keeping the rectangles and stars of other demo images."""
+def two_class_subset(dataset, tmp_path_factory):
+    """dino_sub_train / dino_sub_val: the rectangles and stars of the CI images 1-10 / 11-16 (COCO JSON)."""
     folder = tmp_path_factory.mktemp("subset")
-    root = ensure_demo_dataset(folder / "images", SUBSET_SPEC)
-    for split in SUBSET_SPEC.splits:
-        data = json.loads((root / "annotations" / f"{split}.json").read_text())
-        data["categories"] = [c for c in data["categories"] if c["id"] in SUBSET_CATEGORIES]
-        assert {c["id"]: c["name"] for c in data["categories"]} == SUBSET_CATEGORIES
-        data["annotations"] = [a for a in data["annotations"] if a["category_id"] in SUBSET_CATEGORIES]
+    meta = MetadataCatalog.get(dataset)
+    source = json.loads(open(meta.json_file).read())
+    for split in ("train", "val"):
+        data = {"categories": [c for c in source["categories"] if c["id"] in SUBSET_CATEGORIES],
+                "images": [i for i in source["images"] if (i["id"] in SUBSET_VAL_IDS) == (split == "val")]}
+        image_ids = {i["id"] for i in data["images"]}
+        data["annotations"] = [a for a in source["annotations"]
+                               if a["category_id"] in SUBSET_CATEGORIES and a["image_id"] in image_ids]
+        assert {c["id"]: c["name"] for c in data["categories"]} == SUBSET_CATEGORIES and data["annotations"]
         json_file = folder / f"{split}.json"
         json_file.write_text(json.dumps(data))
-        register_coco_dataset(f"dino_sub_{split}", str(json_file), str(root / split))
+        register_coco_dataset(f"dino_sub_{split}", str(json_file), meta.image_root)
     return "dino_sub_train", "dino_sub_val"
 
 

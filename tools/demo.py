@@ -26,24 +26,27 @@ from dino_detr.utils import reuse_freed_cpu_memory
 logger = logging.getLogger("dino_detr.demo")
 
 
-def _is_config_key(token: str) -> bool:
-    node = _is_config_key.defaults
-    for part in token.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+def _first_config_key(argv) -> int:
+    """Index of the first token of ``argv`` that names a config key (e.g. ``MODEL.WEIGHTS``), or len(argv)."""
+    defaults = get_cfg()
+    add_dino_config(defaults)
 
+    def is_key(token: str) -> bool:
+        node = defaults
+        for part in token.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
 
-_is_config_key.defaults = get_cfg()
-add_dino_config(_is_config_key.defaults)
+    return next((i for i, token in enumerate(argv) if is_key(token)), len(argv))
 
 
 def parse_args(argv=None):
     """Options, then the trailing config overrides: everything from the first config key on
     (e.g. ``MODEL.WEIGHTS``), since ``--input`` takes any number of paths."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    start = next((i for i, token in enumerate(argv) if _is_config_key(token)), len(argv))
+    start = _first_config_key(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="%(prog)s [options] [KEY VALUE ...]")
     parser.add_argument("--config-file", required=True, metavar="FILE")

@@ -13,7 +13,10 @@ logger = logging.getLogger(__name__)
 
 # Tensors whose first dimension is the number of classes: the decoder's and the encoder's
 # class heads, and the denoising label embedding (label book size + 1 rows).
-CLASS_DEPENDENT = re.compile(r"^(class_embed\.\d+|transformer\.enc_out_class_embed)\.(weight|bias)$|^label_enc\.weight$")
+CLASS_DEPENDENT = re.compile(
+    r"^(class_embed\.\d+|transformer\.enc_out_class_embed)\.(weight|bias)$"
+    r"|^label_enc\.weight$"
+)
 
 
 def drop_mismatched_class_tensors(state_dict: Dict, model: nn.Module) -> Tuple[Dict, List[str]]:

@@ -56,7 +56,8 @@ class DatasetError(ValueError):
 
 def _cache_file(json_file: str, image_root: str) -> str:
     stat = os.stat(json_file)
-    key = f"{CHECK_VERSION}|{os.path.abspath(json_file)}|{stat.st_mtime_ns}|{stat.st_size}|{os.path.abspath(image_root)}"
+    paths = f"{os.path.abspath(json_file)}|{os.path.abspath(image_root)}"
+    key = f"{CHECK_VERSION}|{paths}|{stat.st_mtime_ns}|{stat.st_size}"
     folder = os.environ.get("DINO_DETR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dino_detr")
     return os.path.join(folder, "dataset_checks", hashlib.sha1(key.encode()).hexdigest() + ".json")
 
