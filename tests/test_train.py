@@ -387,18 +387,19 @@ def test_demo_tool_writes_an_annotated_video(trained, trained_cli, tmp_path, cap
 
 
 # Fine-tuning the `trained` 4-class model to a 2-class COCO JSON subset (non-contiguous category ids) of the
-# CI images vs. the same FINETUNE_ITERS from random initialisation; AP on the subset's val split (images
-# 11-16; the pretraining saw them with 4 classes, so this measures that the loaded weights are used, not
-# generalisation). Measured on the 2-core CPU (seeds 0, 1, 2): AP FINETUNED vs RANDOM.
+# CI images vs. the same FINETUNE_ITERS from random initialisation, both at the README recipe's BASE_LR 1e-4;
+# AP on the subset's val split (images 9-16: 8 rectangles, 5 stars; the pretraining saw them with 4 classes,
+# so this measures that the loaded weights are used, not generalisation). Measured on the 2-core CPU after
+# a 200-iteration pretraining like `trained` (SEED 0, 1, 2): AP 16.2, 9.4, 9.4 vs 0.0, 0.0, 0.0.
 FINETUNE_ITERS = 40
-FINETUNE_MARGIN = 8.0  # AP points
+FINETUNE_MARGIN = 5.0  # AP points
 SUBSET_CATEGORIES = {2: "rectangle", 4: "star"}
-SUBSET_VAL_IDS = range(11, 17)
+SUBSET_VAL_IDS = range(9, 17)
 
 
 @pytest.fixture(scope="module")
 def two_class_subset(dataset, tmp_path_factory):
-    """dino_sub_train / dino_sub_val: the rectangles and stars of the CI images 1-10 / 11-16 (COCO JSON)."""
+    """dino_sub_train / dino_sub_val: the rectangles and stars of the CI images 1-8 / 9-16 (COCO JSON)."""
     folder = tmp_path_factory.mktemp("subset")
     meta = MetadataCatalog.get(dataset)
     source = json.loads(open(meta.json_file).read())
@@ -422,7 +423,7 @@ def test_finetuning_beats_random_initialisation(trained, two_class_subset, tmp_p
     for name, weights in (("finetuned", pretrained), ("random_init", "")):
         cfg = ci_cfg(tmp_path / name, FINETUNE_ITERS, **{
             "DATASETS.TRAIN": two_class_subset[:1], "DATASETS.TEST": two_class_subset[1:],
-            "MODEL.DINO.NUM_CLASSES": 2, "MODEL.WEIGHTS": weights})
+            "MODEL.DINO.NUM_CLASSES": 2, "MODEL.WEIGHTS": weights, "SOLVER.BASE_LR": 1e-4})
         seed_all_rng(cfg.SEED)
         trainer = DinoTrainer(cfg)
         trainer.resume_or_load(resume=False)
