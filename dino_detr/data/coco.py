@@ -66,7 +66,7 @@ def _raise_if(problems: List[str], json_file: str) -> None:
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise DatasetError(f"{json_file}: {len(problems)} problem(s), nothing was trained:\n  {listed}{more}")
+        raise DatasetError(f"{json_file}: {len(problems)} problem(s) found before use:\n  {listed}{more}")
 
 
 def _require(entries: Sequence, what: str, keys: Sequence[str], json_file: str) -> None:
