@@ -1,6 +1,7 @@
 """Loading a checkpoint of another class count: everything but the class-dependent tensors."""
 import logging
 
+import pytest
 import torch
 
 from dino_detr import get_dino_cfg
@@ -45,3 +46,7 @@ def test_checkpointer_loads_everything_but_the_class_tensors(tmp_path, caplog):
         assert torch.equal(loaded[key], expected), key
     assert "9 class-dependent tensor(s) keep their new random initialisation" in caplog.text
     assert "label_enc.weight: checkpoint (5, 128), model (3, 128)" in caplog.text
+    # Evaluation (tools/train_net.py --eval-only) refuses such a checkpoint instead of using untrained heads.
+    with pytest.raises(ValueError, match=r"another number of classes \(transformer.enc_out_class_embed.weight has 4 "
+                                         r"rows, the model 2: MODEL.DINO.NUM_CLASSES\)"):
+        FiniteCheckpointer(_model(2), reinit_class_tensors=False).load(str(tmp_path / "four.pth"), checkpointables=[])

@@ -40,7 +40,7 @@ def evaluate_checkpoint(cfg, resume: bool):
     """Loads MODEL.WEIGHTS (or the last checkpoint with ``resume``) and evaluates it; with
     MODEL_EMA.ENABLED the checkpoint's EMA weights are evaluated."""
     model = DinoTrainer.build_model(cfg)
-    checkpointer = FiniteCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer = FiniteCheckpointer(model, save_dir=cfg.OUTPUT_DIR, reinit_class_tensors=False)
     ema = ModelEMA(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
     if ema is not None:
         checkpointer.add_checkpointable("model_ema", ema)

@@ -7,7 +7,7 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-__all__ = ["CLASS_DEPENDENT", "drop_mismatched_class_tensors"]
+__all__ = ["CLASS_DEPENDENT", "mismatched_class_tensors", "drop_mismatched_class_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +19,13 @@ CLASS_DEPENDENT = re.compile(
 )
 
 
+def mismatched_class_tensors(state_dict: Dict, model: nn.Module) -> List[str]:
+    """Names of the :data:`CLASS_DEPENDENT` entries of ``state_dict`` whose shape differs from ``model``'s."""
+    own = model.state_dict()
+    return [k for k, v in state_dict.items()
+            if CLASS_DEPENDENT.match(k) and k in own and tuple(v.shape) != tuple(own[k].shape)]
+
+
 def drop_mismatched_class_tensors(state_dict: Dict, model: nn.Module) -> Tuple[Dict, List[str]]:
     """The checkpoint ``state_dict`` without the :data:`CLASS_DEPENDENT` entries whose shape
     differs from ``model``'s, and their names. Other entries (also mismatched ones) are
@@ -28,8 +35,7 @@ def drop_mismatched_class_tensors(state_dict: Dict, model: nn.Module) -> Tuple[D
         state_dict: name -> tensor (or array) of a checkpoint, names as in ``model``.
     """
     own = model.state_dict()
-    dropped = [k for k, v in state_dict.items()
-               if CLASS_DEPENDENT.match(k) and k in own and tuple(v.shape) != tuple(own[k].shape)]
+    dropped = mismatched_class_tensors(state_dict, model)
     if dropped:
         lines = "\n  ".join(f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}"
                             for k in dropped)

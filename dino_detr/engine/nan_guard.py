@@ -6,7 +6,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.events import get_event_storage
 
-from dino_detr.checkpoint.finetune import drop_mismatched_class_tensors
+from dino_detr.checkpoint.finetune import drop_mismatched_class_tensors, mismatched_class_tensors
 
 __all__ = ["check_finite_grad_norm", "FiniteCheckpointer"]
 
@@ -37,9 +37,23 @@ def check_finite_grad_norm(total_norm: torch.Tensor) -> None:
 class FiniteCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that refuses to save a model holding NaN/Inf values, and
     loads checkpoints of another class count for fine-tuning (their class-dependent tensors
-    are re-initialised, see :func:`drop_mismatched_class_tensors`)."""
+    are re-initialised, see :func:`drop_mismatched_class_tensors`) unless
+    ``reinit_class_tensors=False`` (evaluation), where such a checkpoint is an error."""
+
+    def __init__(self, model, save_dir: str = "", *, reinit_class_tensors: bool = True, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.reinit_class_tensors = reinit_class_tensors
 
     def _load_model(self, checkpoint):
+        if not self.reinit_class_tensors:
+            mismatched = mismatched_class_tensors(checkpoint["model"], self.model)
+            if mismatched:
+                rows, own = checkpoint["model"][mismatched[0]].shape[0], self.model.state_dict()[mismatched[0]].shape[0]
+                raise ValueError(
+                    f"the checkpoint was trained for another number of classes ({mismatched[0]} has {rows} rows, "
+                    f"the model {own}: MODEL.DINO.NUM_CLASSES); evaluating it would use untrained class heads. "
+                    "Fine-tune it first (tools/train_net.py without --eval-only)."
+                )
         checkpoint["model"], _ = drop_mismatched_class_tensors(checkpoint["model"], self.model)
         return super()._load_model(checkpoint)
 
