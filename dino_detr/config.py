@@ -22,6 +22,7 @@ def add_dino_config(cfg):
     _add_model_config(cfg)
     _add_solver_config(cfg)
     _add_input_config(cfg)
+    _add_dataset_config(cfg)
 
 
 def get_dino_cfg(config_file, opts=()):
@@ -187,3 +188,10 @@ def _add_input_config(cfg):
     cfg.INPUT.DETR_CROP.ENABLED = True
     cfg.INPUT.DETR_CROP.RESIZE = [400, 500, 600]
     cfg.INPUT.DETR_CROP.SIZE = [384, 600]
+
+
+def _add_dataset_config(cfg):
+    # COCO-format datasets to register by name before training / evaluation / the demo:
+    # [[name, annotation JSON, image folder], ...] (tools: --dataset NAME=JSON:FOLDER). Each is
+    # checked once (images and annotations) before use; see dino_detr/data/coco.py.
+    cfg.DATASETS.COCO = []

@@ -106,4 +106,6 @@ def test_16_bit_image_files_are_scaled_not_saturated(cfg, tmp_path):
     cv2.imwrite(str(tmp_path / "deep.png"), deep)
     drawn = visualize_predictions(DinoPredictor(cfg), [tmp_path / "deep.png"], str(tmp_path / "vis"),
                                   score_threshold=1.1)  # nothing drawn over the image
-    assert np.array_equal(cv2.imread(drawn[0]), np.rint(deep / 257.0).astype(np.uint8))
+    # PIL reduces 16-bit RGB to 8 bit by its high byte: within one level of the exact scaling.
+    difference = cv2.imread(drawn[0]).astype(int) - np.rint(deep / 257.0).astype(int)
+    assert np.abs(difference).max() <= 1

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from detectron2.engine import DefaultPredictor, default_argument_parser
+from detectron2.engine import DefaultPredictor
 from torch import nn
 
 import dino_detr.checkpoint.checkpointer as checkpointer_module
@@ -87,11 +87,11 @@ def test_payload_in_weights_runs_no_code_through_the_tools(tmp_path, suffix, mon
 
     with pytest.raises(UnsafeCheckpointError, match=f"evil{suffix}.*{TRUSTED_WEIGHTS_ENV}="):
         _tool("demo").main(["--config-file", DEMO_CONFIG, "--input", str(image), "--output", str(tmp_path / "vis"),
-                            "--opts", *TINY, "MODEL.WEIGHTS", str(weights)])
+                            *TINY, "MODEL.WEIGHTS", str(weights)])
     assert not marker.exists()
 
     train_net = _tool("train_net")
-    args = default_argument_parser().parse_args(["--config-file", DEMO_CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS",
+    args = _tool("train_net").argument_parser().parse_args(["--config-file", DEMO_CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS",
                                                  str(weights), "OUTPUT_DIR", str(tmp_path / "eval")])
     with pytest.raises(UnsafeCheckpointError, match=f"evil{suffix}"):
         train_net.main(args)
@@ -137,7 +137,7 @@ def test_checkpoint_that_does_not_fit_is_refused(demo_cfg, tmp_path):
     message = r"resnet18.pth does not fit.*supplied 0 of the model's \d+ tensors.*backbone\.stem.*conv1.weight"
     with pytest.raises(ValueError, match=message):
         DefaultPredictor(cfg)
-    args = default_argument_parser().parse_args(["--config-file", DEMO_CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS",
+    args = _tool("train_net").argument_parser().parse_args(["--config-file", DEMO_CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS",
                                                  cfg.MODEL.WEIGHTS, "OUTPUT_DIR", str(tmp_path / "eval")])
     with pytest.raises(ValueError, match=message):
         _tool("train_net").main(args)
@@ -153,7 +153,7 @@ def test_fine_tune_and_backbone_checkpoints_fit(demo_cfg, tmp_path):
     torch.save({"model": {k: v for k, v in state.items() if k.startswith("backbone.")}}, tmp_path / "backbone.pth")
     model = predictor.model
     for name in ("seven_classes.pth", "backbone.pth"):
-        SafeCheckpointer(model).load(str(tmp_path / name))
+        SafeCheckpointer(model, reinit_class_tensors=True).load(str(tmp_path / name))
     # ... but a checkpoint with only the transformer's input projections does not.
     torch.save({"model": {k: v for k, v in state.items() if k.startswith("input_proj.")}}, tmp_path / "few.pth")
     with pytest.raises(ValueError, match="few.pth does not fit"):
@@ -232,7 +232,7 @@ def test_one_training_per_output_dir(tmp_path):
                               str(output_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "locked"
-        args = default_argument_parser().parse_args(["--config-file", DEMO_CONFIG, *TINY,
+        args = _tool("train_net").argument_parser().parse_args(["--config-file", DEMO_CONFIG, *TINY,
                                                      "OUTPUT_DIR", str(output_dir)])
         with pytest.raises(OutputDirInUseError, match=f"in use by process {child.pid} on .*run.lock"):
             _tool("train_net").main(args)
@@ -270,7 +270,7 @@ def test_config_and_cli_mistakes_are_named(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.yaml is empty"):
         get_dino_cfg(empty)
-    args = default_argument_parser().parse_args(["--config-file", DEMO_CONFIG, "OUTPUT_DIR", str(tmp_path), "--resume"])
+    args = _tool("train_net").argument_parser().parse_args(["--config-file", DEMO_CONFIG, "OUTPUT_DIR", str(tmp_path), "--resume"])
     with pytest.raises(ValueError, match="'--resume' is among the KEY VALUE config overrides.*before them"):
         _tool("train_net").main(args)
     benchmark = _tool("benchmark")

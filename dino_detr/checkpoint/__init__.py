@@ -1,10 +1,11 @@
 """Checkpoints: loading weight files without running code from them (``SafeCheckpointer``,
 used by the trainer, the tools and, once ``dino_detr`` is imported, Detectron2's
-``DefaultPredictor`` / ``DefaultTrainer``), the fit rule, crash-safe writing, and conversion
-of official / detrex checkpoints."""
+``DefaultPredictor`` / ``DefaultTrainer``), the fit rule, fine-tuning to another number of
+classes, crash-safe writing, and conversion of official / detrex checkpoints."""
 from .checkpointer import SafeCheckpointer, use_safe_checkpointer
 from .coco_classes import coco_category_ids, rows_91_to_80
 from .convert import CLASS_LAYOUTS, SOURCES, Conversion, check_against_model, convert_state_dict
+from .finetune import drop_mismatched_class_tensors, mismatched_class_tensors
 from .fit import CLASS_DEPENDENT_KEY_PATTERNS, check_checkpoint_fits, is_class_dependent
 from .io import atomic_open, load_source_state_dict, save_detectron2_checkpoint
 from .safe_load import TRUSTED_WEIGHTS_ENV, UnreadableCheckpointError, UnsafeCheckpointError
@@ -13,6 +14,6 @@ __all__ = [
     "CLASS_DEPENDENT_KEY_PATTERNS", "CLASS_LAYOUTS", "SOURCES", "TRUSTED_WEIGHTS_ENV", "Conversion",
     "SafeCheckpointer", "UnreadableCheckpointError", "UnsafeCheckpointError", "atomic_open",
     "check_against_model", "check_checkpoint_fits", "coco_category_ids", "convert_state_dict",
-    "is_class_dependent", "load_source_state_dict", "rows_91_to_80", "save_detectron2_checkpoint",
-    "use_safe_checkpointer",
+    "drop_mismatched_class_tensors", "is_class_dependent", "load_source_state_dict", "mismatched_class_tensors",
+    "rows_91_to_80", "save_detectron2_checkpoint", "use_safe_checkpointer",
 ]

@@ -8,6 +8,7 @@ import detectron2.engine.defaults
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .finetune import drop_mismatched_class_tensors, mismatched_class_tensors
 from .fit import check_checkpoint_fits
 from .io import atomic_open
 from .safe_load import UnreadableCheckpointError, load_pickled_arrays, load_torch_weights
@@ -35,11 +36,19 @@ class SafeCheckpointer(DetectionCheckpointer):
       raises an error naming it and the opt-in for trusted files (``DINO_DETR_TRUSTED_WEIGHTS``).
     * Weights that do not fit (see :func:`check_checkpoint_fits`) raise ``ValueError`` instead
       of leaving the model randomly initialised with a warning.
+    * A checkpoint of another number of classes: with ``reinit_class_tensors=True`` (fine-tuning)
+      its class-dependent tensors are left out and logged (:func:`drop_mismatched_class_tensors`);
+      otherwise (the default: evaluation, ``DefaultPredictor``) it is an error, since the model
+      would predict with untrained class heads.
     * ``save`` writes through a temporary file (fsync + rename) and only then updates
       ``last_checkpoint`` (also atomically): a crash never leaves a truncated checkpoint named.
     * ``resume_or_load(resume=True)`` reports a checkpoint it cannot read and resumes from the
       newest readable one in ``save_dir``.
     """
+
+    def __init__(self, model, save_dir: str = "", *, reinit_class_tensors: bool = False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.reinit_class_tensors = reinit_class_tensors
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         self._loading = filename
@@ -51,6 +60,17 @@ class SafeCheckpointer(DetectionCheckpointer):
         return loaded if "model" in loaded else {"model": loaded}
 
     def _load_model(self, checkpoint: Any):
+        if not self.reinit_class_tensors:
+            mismatched = mismatched_class_tensors(checkpoint["model"], self.model)
+            if mismatched:
+                rows = checkpoint["model"][mismatched[0]].shape[0]
+                own = self.model.state_dict()[mismatched[0]].shape[0]
+                raise ValueError(
+                    f"checkpoint {getattr(self, '_loading', '?')} was trained for another number of classes "
+                    f"({mismatched[0]} has {rows} rows, the model {own}: MODEL.DINO.NUM_CLASSES); evaluating it "
+                    "would use untrained class heads. Fine-tune it first (tools/train_net.py without --eval-only)."
+                )
+        checkpoint["model"], _ = drop_mismatched_class_tensors(checkpoint["model"], self.model)
         incompatible = super()._load_model(checkpoint)
         check_checkpoint_fits(
             self.model.state_dict().keys(),

@@ -46,7 +46,11 @@ def check_finite_grad_norm(total_norm: torch.Tensor, output_dir: str = "") -> No
 
 
 class FiniteCheckpointer(SafeCheckpointer):
-    """``SafeCheckpointer`` that refuses to save a model holding NaN/Inf values."""
+    """``SafeCheckpointer`` that refuses to save a model holding NaN/Inf values; it loads
+    checkpoints of another class count for fine-tuning unless ``reinit_class_tensors=False``."""
+
+    def __init__(self, model, save_dir: str = "", *, reinit_class_tensors: bool = True, **checkpointables):
+        super().__init__(model, save_dir, reinit_class_tensors=reinit_class_tensors, **checkpointables)
 
     def save(self, name: str, **kwargs) -> None:
         bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
