@@ -167,3 +167,23 @@ def test_swin_config_trains_a_few_iterations(name, tmp_path):
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert set(k.split(".")[0] for k in moved) >= {"patch_embed", "layers"}
     assert any(k.startswith("layers.3.") for k in moved)
+
+
+def test_window_attention_flops_are_counted():
+    """fvcore counts the attention products (scaled_dot_product_attention) of the windows, not only the
+    linear layers: 2 * windows * heads * T^2 * head_dim on top of qkv and proj."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from dino_detr.analysis.flops import sdpa_flop_jit
+    from dino_detr.modeling.swin import WindowAttention
+
+    dim, heads, window, windows = 32, 4, 4, 6
+    tokens = window * window
+    attn = WindowAttention(dim, heads, window).eval()
+    x = torch.randn(windows, tokens, dim)
+    for mask in (None, shifted_window_mask(8, 12, window, 2)):
+        analysis = FlopCountAnalysis(attn, (x, mask)).unsupported_ops_warnings(False)
+        analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+        by_op = analysis.by_operator()
+        assert by_op["linear"] == windows * tokens * dim * 4 * dim
+        assert by_op["scaled_dot_product_attention"] == 2 * windows * tokens * tokens * dim
