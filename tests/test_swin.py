@@ -187,3 +187,27 @@ def test_window_attention_flops_are_counted():
         by_op = analysis.by_operator()
         assert by_op["linear"] == windows * tokens * dim * 4 * dim
         assert by_op["scaled_dot_product_attention"] == 2 * windows * tokens * tokens * dim
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_equals_explicit_softmax(shifted):
+    """softmax(q k^T / sqrt(d) + relative position bias + shift mask) v, written out per head."""
+    from dino_detr.modeling.swin import WindowAttention, relative_position_index
+
+    torch.manual_seed(0)
+    dim, heads, window = 12, 3, 4
+    attn = WindowAttention(dim, heads, window).double().eval()
+    mask = shifted_window_mask(8, 8, window, 2).double() if shifted else None
+    x = torch.randn(2 * 4, window * window, dim, dtype=torch.float64)  # 2 images of 2x2 windows
+    q, k, v = attn.qkv(x).chunk(3, dim=-1)
+    index = relative_position_index(window)
+    heads_out = []
+    for h in range(heads):
+        sl = slice(h * dim // heads, (h + 1) * dim // heads)
+        logits = q[..., sl] @ k[..., sl].transpose(1, 2) / (dim // heads) ** 0.5
+        logits = logits + attn.relative_position_bias_table[index, h]
+        if mask is not None:
+            logits = logits + mask.repeat(2, 1, 1)
+        heads_out.append(logits.softmax(-1) @ v[..., sl])
+    expected = attn.proj(torch.cat(heads_out, dim=-1))
+    torch.testing.assert_close(attn(x, mask), expected, rtol=1e-12, atol=1e-12)
