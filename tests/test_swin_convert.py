@@ -152,3 +152,29 @@ def test_cli_converts_classifier_and_training_starts_from_it(classifier, tmp_pat
     assert "--config-file configs/dino_swinl_4scale.yaml MODEL.WEIGHTS" in printed and "--eval-only" not in printed
     loaded = torch.load(str(out), weights_only=True)["model"]
     assert torch.equal(loaded["backbone.patch_embed.norm.weight"], classifier["patch_embed.norm.weight"])
+
+
+def test_backbone_weights_load_into_dino_with_detectron2(tmp_path):
+    """A (tiny) Swin classifier -> backbone-only checkpoint -> MODEL.WEIGHTS of a DINO: Detectron2's
+    checkpointer puts every converted tensor into the backbone and leaves the rest initialised."""
+    from dino_detr.checkpoint import save_detectron2_checkpoint
+    from dino_detr.modeling.swin import SwinTransformer
+
+    tiny = dict(embed_dim=16, depths=[1, 2, 2, 1], num_heads=[1, 2, 2, 4], window=4)
+    body = SwinTransformer(**tiny, out_features=["swin3"]).state_dict()
+    classifier = {k: v for k, v in body.items() if not k.startswith("norm3.")}
+    classifier.update({"norm.weight": torch.ones(128), "norm.bias": torch.zeros(128),
+                       "head.weight": torch.zeros(10, 128), "head.bias": torch.zeros(10)})
+    for i, depth in enumerate(tiny["depths"]):
+        for j in range(depth):
+            classifier[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = relative_position_index(4)
+    conv = convert_state_dict(classifier, "swin-imagenet")
+    assert conv.config["MODEL.SWIN.DEPTHS"] == [1, 2, 2, 1] and conv.config["MODEL.SWIN.WINDOW_SIZE"] == 4
+    path = str(tmp_path / "backbone.pth")
+    save_detectron2_checkpoint(conv.state_dict, path)
+    torch.manual_seed(1)
+    model = model_of("configs/dino_swint_4scale.yaml", conv.opts() + ["MODEL.DINO.NUM_QUERIES", 20])
+    check_against_model(conv.state_dict, model, backbone_only=True)
+    DetectionCheckpointer(model).load(path)
+    for k, v in conv.state_dict.items():
+        assert torch.equal(model.state_dict()[k], v), k
