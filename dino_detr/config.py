@@ -166,6 +166,20 @@ def _add_model_config(cfg):
     cfg.MODEL.TIMM.NAME = "resnet50"
     cfg.MODEL.TIMM.OUT_INDICES = [2, 3, 4]
     cfg.MODEL.TIMM.PRETRAINED = False
+    # Backbone "build_swin_backbone" (dino_detr/modeling/swin.py); defaults: Swin-T. Features
+    # "swin{i}" = stage i (stride 4 * 2**i); MODEL.BACKBONE.FREEZE_AT 1 freezes the patch
+    # embedding, k >= 2 also stages 0..k-2.
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.2  # stochastic depth of the last block (linear from 0)
+    cfg.MODEL.SWIN.OUT_FEATURES = ["swin1", "swin2", "swin3"]
+    # Recompute each block's activations in the backward pass (less training memory, ~30% slower).
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False
 
 
 def _add_solver_config(cfg):
