@@ -6,18 +6,17 @@
 //   level_start_index   (L,)                int64
 //   sampling_locations  (N, Lq, M, L, P, 2) float, normalized (x, y); pixel centres at (i + 0.5) / W
 //   attention_weights   (N, Lq, M, L, P)    float
+// sampling_locations and attention_weights have value's dtype, or float32 when value is float16
+// or bfloat16 (sampling in half precision would quantize the locations).
 //   output              (N, Lq, M * D)
 #pragma once
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
-namespace dino_detr {
+#include "ms_deform_attn_sample.h"
 
-// Sizes of one call, read from the checked inputs.
-struct MSDASizes {
-  int64_t batch, spatial, heads, channels, queries, levels, points;
-};
+namespace dino_detr {
 
 // Checks ranks, matching sizes, dtypes, devices and contiguity; returns the sizes.
 inline MSDASizes check_ms_deform_attn_inputs(
@@ -44,9 +43,13 @@ inline MSDASizes check_ms_deform_attn_inputs(
               "ms_deform_attn: attention_weights must be ", at::IntArrayRef(attn_sizes), ", got ",
               attention_weights.sizes());
   TORCH_CHECK(at::isFloatingType(value.scalar_type()), "ms_deform_attn: value must be floating point");
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
-                  attention_weights.scalar_type() == value.scalar_type(),
-              "ms_deform_attn: value, sampling_locations and attention_weights must share one dtype");
+  const bool half_value = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
+  const at::ScalarType loc_type = sampling_locations.scalar_type();
+  TORCH_CHECK(attention_weights.scalar_type() == loc_type &&
+                  (loc_type == value.scalar_type() || (half_value && loc_type == at::kFloat)),
+              "ms_deform_attn: sampling_locations and attention_weights must have value's dtype (or float32 "
+              "with a float16/bfloat16 value), got value ", value.scalar_type(), ", sampling_locations ", loc_type,
+              ", attention_weights ", attention_weights.scalar_type());
   TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
               "ms_deform_attn: spatial_shapes and level_start_index must be int64");
   for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &sampling_locations, &attention_weights}) {

@@ -1,7 +1,7 @@
 // CPU kernels of multi-scale deformable attention (float32, float64).
 //
-// Each sample (query q, head m, level l, point p) is bilinear: its four corner weights and
-// offsets are computed once, then reused across the D contiguous channels of value[n, s, m, :],
+// Each sample (query q, head m, level l, point p) is bilinear (ms_deform_attn_sample.h, shared
+// with the CUDA kernels): its four corner weights and offsets are computed once, then reused across the D contiguous channels of value[n, s, m, :],
 // so the inner loops are plain vectorizable loops over D.
 //   forward:  parallel over (n, q) rows; each thread owns its output rows.
 //   backward: parallel over (n, m); each thread owns grad_value[n, :, m, :] and the location /
@@ -28,7 +28,8 @@ struct Level {
   int64_t height, width, start;
 };
 
-// Reads and validates the level layout (both tensors are small and on the CPU).
+// Reads and validates the level layout (both tensors are small and on the CPU): the levels
+// tile value's S axis in order. Overflow-safe: a layout whose sizes wrap around int64 is refused.
 std::vector<Level> read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                                int64_t spatial) {
   const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
@@ -41,54 +42,18 @@ std::vector<Level> read_levels(const at::Tensor& spatial_shapes, const at::Tenso
                 " has non-positive shape (", levels[l].height, ", ", levels[l].width, ")");
     TORCH_CHECK(levels[l].start == next_start, "ms_deform_attn: level_start_index[", l, "] is ",
                 levels[l].start, ", expected ", next_start);
-    next_start += levels[l].height * levels[l].width;
+    int64_t size = 0;
+    TORCH_CHECK(!__builtin_mul_overflow(levels[l].height, levels[l].width, &size) &&
+                    !__builtin_add_overflow(next_start, size, &next_start),
+                "ms_deform_attn: spatial_shapes sum to more than 2**63 positions but value has S=", spatial);
   }
   TORCH_CHECK(next_start == spatial, "ms_deform_attn: spatial_shapes sum to ", next_start,
               " positions but value has S=", spatial);
   return levels;
 }
 
-// One bilinear sample: corner weights (without the attention weight) and value offsets
-// (in elements, relative to the level's first position) of the four corners; a corner
-// outside the map has weight 0 and valid=false.
 template <typename T>
-struct Bilinear {
-  T fx, fy;            // fractional position inside the cell
-  T weight[4];         // (y0,x0), (y0,x1), (y1,x0), (y1,x1)
-  int64_t offset[4];
-  bool valid[4];
-  bool all_valid;
-
-  // x, y: normalized location; returns false when the sample touches no pixel.
-  inline bool init(T loc_x, T loc_y, const Level& level, int64_t position_stride) {
-    const T x = loc_x * static_cast<T>(level.width) - T(0.5);
-    const T y = loc_y * static_cast<T>(level.height) - T(0.5);
-    if (!(x > T(-1) && y > T(-1) && x < static_cast<T>(level.width) && y < static_cast<T>(level.height))) {
-      return false;  // also rejects NaN
-    }
-    const T x0f = std::floor(x), y0f = std::floor(y);
-    const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
-    fx = x - x0f;
-    fy = y - y0f;
-    const bool in_x0 = x0 >= 0, in_x1 = x0 + 1 < level.width;
-    const bool in_y0 = y0 >= 0, in_y1 = y0 + 1 < level.height;
-    valid[0] = in_y0 && in_x0;
-    valid[1] = in_y0 && in_x1;
-    valid[2] = in_y1 && in_x0;
-    valid[3] = in_y1 && in_x1;
-    all_valid = valid[0] && valid[1] && valid[2] && valid[3];
-    weight[0] = (T(1) - fy) * (T(1) - fx);
-    weight[1] = (T(1) - fy) * fx;
-    weight[2] = fy * (T(1) - fx);
-    weight[3] = fy * fx;
-    const int64_t base = (y0 * level.width + x0) * position_stride;
-    offset[0] = base;
-    offset[1] = base + position_stride;
-    offset[2] = base + level.width * position_stride;
-    offset[3] = offset[2] + position_stride;
-    return true;
-  }
-};
+using Bilinear = msda::Bilinear<T>;
 
 template <typename T>
 struct Problem {
@@ -128,7 +93,7 @@ DINO_DETR_MULTIVERSION void forward_rows(const Problem<T>& pb, T* out, int64_t b
       const T* attn = pb.weights + qm * samples;
       for (int64_t i = 0; i < samples; ++i) {
         const Level& level = pb.levels[i / s.points];
-        touches[i] = bilinear[i].init(loc[2 * i], loc[2 * i + 1], level, stride);
+        touches[i] = bilinear[i].init(loc[2 * i], loc[2 * i + 1], level.height, level.width, stride);
         if (touches[i]) prefetch_corners<0>(bilinear[i], value_n + level.start * stride + m * D, D);
       }
       T* __restrict__ acc = out + qm * D;
@@ -180,7 +145,7 @@ DINO_DETR_MULTIVERSION void backward_head(const Problem<T>& pb, const T* grad_ou
     T* g_attn = grad_attn + qm * samples;
     for (int64_t i = 0; i < samples; ++i) {
       const Level& level = pb.levels[i / s.points];
-      touches[i] = bilinear[i].init(loc[2 * i], loc[2 * i + 1], level, stride);
+      touches[i] = bilinear[i].init(loc[2 * i], loc[2 * i + 1], level.height, level.width, stride);
       if (touches[i]) {
         const int64_t level_offset = head_offset + level.start * stride;
         prefetch_corners<0>(bilinear[i], pb.value + level_offset, D);
@@ -235,11 +200,7 @@ DINO_DETR_MULTIVERSION void backward_head(const Problem<T>& pb, const T* grad_ou
             dot[c] = dc;
           }
         }
-        *g_attn = b.weight[0] * dot[0] + b.weight[1] * dot[1] + b.weight[2] * dot[2] + b.weight[3] * dot[3];
-        const T dfx = (T(1) - b.fy) * (dot[1] - dot[0]) + b.fy * (dot[3] - dot[2]);
-        const T dfy = (T(1) - b.fx) * (dot[2] - dot[0]) + b.fx * (dot[3] - dot[1]);
-        g_loc[0] = a * static_cast<T>(level.width) * dfx;
-        g_loc[1] = a * static_cast<T>(level.height) * dfy;
+        b.gradients(dot, a, level.height, level.width, *g_attn, g_loc[0], g_loc[1]);
       }
     }
   }

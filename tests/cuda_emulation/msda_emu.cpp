@@ -1,0 +1,123 @@
+// The CUDA kernels and launch code of dino_detr/csrc/cuda/ms_deform_attn_kernels.cuh, compiled for
+// the host behind cuda_emu.h, with a C interface for ctypes (msda_emu.py). Each call copies its
+// inputs and outputs into buffers of exactly their size, so AddressSanitizer's redzones sit right
+// after every tensor, and the output buffers start as the caller filled them (e.g. NaN, to prove
+// that the forward writes every element).
+#include <ATen/OpMathType.h>  // before cuda_emu.h: c10's headers see a plain host build
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+#include "cuda_emu.h"
+#include "cuda/ms_deform_attn_kernels.cuh"
+
+namespace {
+using dino_detr::MSDASizes;
+
+// Launches through the emulator, with at most max_blocks blocks when positive (a small "GPU":
+// the kernels' grid-stride loops must cover the rest).
+struct EmuBackend {
+  int64_t max_blocks;
+
+  template <typename... Params, typename... Args>
+  void launch(void (*kernel)(Params...), unsigned blocks, unsigned threads, Args... args) const {
+    if (max_blocks > 0) blocks = static_cast<unsigned>(std::min<int64_t>(blocks, max_blocks));
+    cuda_emu::launch(dim3{blocks, 1, 1}, dim3{threads, 1, 1}, [&] { kernel(args...); });
+  }
+};
+
+template <typename T>
+struct Buffer {
+  std::vector<T> data;
+  void* user;
+  Buffer(void* p, int64_t n) : data(static_cast<T*>(p), static_cast<T*>(p) + n), user(p) {}
+  void copy_back() const { std::copy(data.begin(), data.end(), static_cast<T*>(user)); }
+};
+
+struct Args {
+  void *value, *shapes, *starts, *locations, *weights;
+};
+
+template <typename scalar_t, typename loc_t>
+void forward(const Args& a, void* out, const MSDASizes& s, int64_t max_blocks) {
+  const int64_t samples = s.batch * s.queries * s.heads * s.levels * s.points;
+  Buffer<scalar_t> value(a.value, s.batch * s.spatial * s.heads * s.channels);
+  Buffer<int64_t> shapes(a.shapes, 2 * s.levels), starts(a.starts, s.levels);
+  Buffer<loc_t> locations(a.locations, 2 * samples), weights(a.weights, samples);
+  Buffer<scalar_t> o(out, s.batch * s.queries * s.heads * s.channels);
+  dino_detr::msda::launch_forward(EmuBackend{max_blocks}, value.data.data(), shapes.data.data(), starts.data.data(),
+                                  locations.data.data(), weights.data.data(), o.data.data(), s);
+  o.copy_back();
+}
+
+// grad_value is handed over in the accumulation type (float32 for the half types), as the .cu allocates it.
+template <typename scalar_t, typename loc_t>
+void backward(const Args& a, void* grad_out, void* grad_value, void* grad_loc, void* grad_attn, const MSDASizes& s,
+              int64_t max_blocks) {
+  using grad_value_t = dino_detr::msda::grad_value_acc_t<scalar_t>;
+  const int64_t samples = s.batch * s.queries * s.heads * s.levels * s.points;
+  const int64_t values = s.batch * s.spatial * s.heads * s.channels;
+  Buffer<scalar_t> g(grad_out, s.batch * s.queries * s.heads * s.channels), value(a.value, values);
+  Buffer<int64_t> shapes(a.shapes, 2 * s.levels), starts(a.starts, s.levels);
+  Buffer<loc_t> locations(a.locations, 2 * samples), weights(a.weights, samples);
+  Buffer<grad_value_t> gv(grad_value, values);
+  Buffer<loc_t> gl(grad_loc, 2 * samples), ga(grad_attn, samples);
+  dino_detr::msda::launch_backward(EmuBackend{max_blocks}, g.data.data(), value.data.data(), shapes.data.data(),
+                                   starts.data.data(), locations.data.data(), weights.data.data(), gv.data.data(),
+                                   gl.data.data(), ga.data.data(), s);
+  gv.copy_back();
+  gl.copy_back();
+  ga.copy_back();
+}
+
+// dtype codes: 0 float32, 1 float64, 2 float16, 3 bfloat16. Calls fn(scalar_t{}, loc_t{}).
+template <typename Fn>
+void dispatch(int value_dtype, int loc_dtype, const Fn& fn) {
+  const bool same = value_dtype == loc_dtype;
+  if (value_dtype == 0 && same) return fn(float{}, float{});
+  if (value_dtype == 1 && same) return fn(double{}, double{});
+  if (value_dtype == 2 && same) return fn(c10::Half{}, c10::Half{});
+  if (value_dtype == 3 && same) return fn(c10::BFloat16{}, c10::BFloat16{});
+  if (value_dtype == 2 && loc_dtype == 0) return fn(c10::Half{}, float{});
+  if (value_dtype == 3 && loc_dtype == 0) return fn(c10::BFloat16{}, float{});
+  throw cuda_emu::Error("unsupported dtype pair " + std::to_string(value_dtype) + ", " + std::to_string(loc_dtype));
+}
+
+MSDASizes sizes_of(const int64_t* z) { return {z[0], z[1], z[2], z[3], z[4], z[5], z[6]}; }
+
+// Returns 0, or 1 with the error message in err.
+template <typename Fn>
+int guarded(char* err, int err_size, const Fn& fn) {
+  try {
+    fn();
+    return 0;
+  } catch (const std::exception& e) {
+    snprintf(err, err_size, "%s", e.what());
+    return 1;
+  }
+}
+}  // namespace
+
+// sizes: (N, S, M, D, Lq, L, P).
+extern "C" int msda_emu_forward(int value_dtype, int loc_dtype, void* value, void* shapes, void* starts,
+                                void* locations, void* weights, void* out, const int64_t* sizes, int64_t max_blocks,
+                                char* err, int err_size) {
+  return guarded(err, err_size, [&] {
+    dispatch(value_dtype, loc_dtype, [&](auto scalar, auto loc) {
+      forward<decltype(scalar), decltype(loc)>({value, shapes, starts, locations, weights}, out, sizes_of(sizes),
+                                               max_blocks);
+    });
+  });
+}
+
+extern "C" int msda_emu_backward(int value_dtype, int loc_dtype, void* grad_out, void* value, void* shapes,
+                                 void* starts, void* locations, void* weights, void* grad_value, void* grad_loc,
+                                 void* grad_attn, const int64_t* sizes, int64_t max_blocks, char* err, int err_size) {
+  return guarded(err, err_size, [&] {
+    dispatch(value_dtype, loc_dtype, [&](auto scalar, auto loc) {
+      backward<decltype(scalar), decltype(loc)>({value, shapes, starts, locations, weights}, grad_out, grad_value,
+                                                grad_loc, grad_attn, sizes_of(sizes), max_blocks);
+    });
+  });
+}

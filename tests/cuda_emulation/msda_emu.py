@@ -1,0 +1,84 @@
+"""ctypes front of the host-emulated MSDA CUDA kernels (``msda_emu.cpp`` built by ``build.sh``).
+
+``EmulatedCuda(path)`` runs the kernels and launch code of
+``dino_detr/csrc/cuda/ms_deform_attn_kernels.cuh`` on CPU tensors: ``forward`` and ``backward``
+as the CUDA operators call them, and ``op``, a differentiable function with the signature of
+``dino_detr.layers.ms_deform_attn`` (what the CUDA tests call).
+"""
+
+import ctypes
+import os
+
+import torch
+
+__all__ = ["EmulatedCuda", "default_library", "DTYPE_CODES"]
+
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def default_library(kind="base"):
+    """Path of the emulation library (``$DINO_DETR_CUDA_EMU`` or ``build/cuda_emu/<kind>/libmsda_emu.so``)."""
+    return os.environ.get("DINO_DETR_CUDA_EMU") or os.path.join(_ROOT, "build", "cuda_emu", kind, "libmsda_emu.so")
+
+
+def _sizes(value, loc, shapes):
+    n, s, m, d = value.shape
+    return torch.tensor([n, s, m, d, loc.shape[1], shapes.shape[0], loc.shape[4]], dtype=torch.int64)
+
+
+class EmulatedCuda:
+    """The CUDA kernels on the CPU. ``max_blocks`` > 0 caps the grid (grid-stride tails)."""
+
+    def __init__(self, path, max_blocks=0):
+        self.lib = ctypes.CDLL(os.path.abspath(path))
+        self.max_blocks = max_blocks
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self.lib.msda_emu_forward.argtypes = [i32, i32] + [p] * 7 + [i64, ctypes.c_char_p, i32]
+        self.lib.msda_emu_backward.argtypes = [i32, i32] + [p] * 10 + [i64, ctypes.c_char_p, i32]
+        self.op = self._make_op()
+
+    def _call(self, fn, value, loc, *pointers):
+        err = ctypes.create_string_buffer(2048)
+        rc = fn(DTYPE_CODES[value.dtype], DTYPE_CODES[loc.dtype], *pointers, self.max_blocks, err, len(err))
+        if rc:
+            raise RuntimeError(f"emulated CUDA kernel: {err.value.decode()}")
+
+    def forward(self, value, shapes, starts, loc, attn, prefill=float("nan")):
+        """(N, Lq, M * D); the output buffer starts filled with ``prefill`` (the .cu allocates it uninitialized)."""
+        value, shapes, starts, loc, attn = (t.contiguous() for t in (value, shapes, starts, loc, attn))
+        n, _, m, d = value.shape
+        out = torch.full((n, loc.shape[1], m * d), prefill, dtype=value.dtype)
+        sizes = _sizes(value, loc, shapes)
+        self._call(self.lib.msda_emu_forward, value, loc, value.data_ptr(), shapes.data_ptr(), starts.data_ptr(),
+                   loc.data_ptr(), attn.data_ptr(), out.data_ptr(), sizes.data_ptr())
+        return out
+
+    def backward(self, grad_out, value, shapes, starts, loc, attn):
+        """(grad_value, grad_sampling_locations, grad_attention_weights), as the CUDA operator returns them."""
+        grad_out, value, shapes, starts, loc, attn = (
+            t.contiguous() for t in (grad_out, value, shapes, starts, loc, attn))
+        opmath = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+        gv = torch.zeros(value.shape, dtype=opmath)
+        gl, ga = torch.zeros_like(loc), torch.zeros_like(attn)
+        sizes = _sizes(value, loc, shapes)
+        self._call(self.lib.msda_emu_backward, value, loc, grad_out.data_ptr(), value.data_ptr(), shapes.data_ptr(),
+                   starts.data_ptr(), loc.data_ptr(), attn.data_ptr(), gv.data_ptr(), gl.data_ptr(), ga.data_ptr(),
+                   sizes.data_ptr())
+        return gv.to(value.dtype), gl, ga
+
+    def _make_op(self):
+        emu = self
+
+        class Op(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, value, shapes, starts, loc, attn):
+                ctx.save_for_backward(value, shapes, starts, loc, attn)
+                return emu.forward(value, shapes, starts, loc, attn)
+
+            @staticmethod
+            def backward(ctx, grad_out):
+                grad_value, grad_loc, grad_attn = emu.backward(grad_out, *ctx.saved_tensors)
+                return grad_value, None, None, grad_loc, grad_attn
+
+        return Op.apply
