@@ -32,12 +32,23 @@ endif
 export MAX_JOBS ?= 2
 EXT := dino_detr/_C$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: demo test lint gpu-check setup clean
+# The CUDA kernels compiled for the host (tests/cuda_emulation/): optimized, and with ASan + UBSan.
+CUDA_EMU := build/cuda_emu/base/libmsda_emu.so build/cuda_emu/asan/libmsda_emu.so
+CUDA_EMU_TESTS := tests/test_ms_deform_attn_cuda.py tests/test_ms_deform_attn_cuda_emulation.py
+
+.PHONY: demo test lint gpu-check setup clean cuda-emulation
 demo: setup
 	$(PY) tools/run_demo.py
 
-test: setup
+test: setup $(CUDA_EMU)
 	DINO_DETR_REQUIRE_EXT=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	DINO_DETR_REQUIRE_EXT=1 DINO_DETR_CUDA_EMU=$(word 2,$(CUDA_EMU)) ASAN_OPTIONS=detect_leaks=0 \
+	  LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	  $(PY) -m pytest -q -p no:cacheprovider $(CUDA_EMU_TESTS) -k "not gpu and not agree"
+
+cuda-emulation: $(CUDA_EMU)
+build/cuda_emu/%/libmsda_emu.so: $(wildcard tests/cuda_emulation/*.cpp tests/cuda_emulation/*.h tests/cuda_emulation/*.sh dino_detr/csrc/*.h dino_detr/csrc/cuda/*.cuh) $(VENV)/.torch
+	PYTHON=$(PY) tests/cuda_emulation/build.sh $@ $*
 
 # Lint and format check (settings in pyproject.toml); `ruff format .` applies the formatting.
 lint: $(VENV)/.deps

@@ -101,3 +101,42 @@ def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_we
                                 corner = (1 - abs(x - xx)) * (1 - abs(y - yy))
                                 out[n, q, m] += attention_weights[n, q, m, l, p] * corner * level[n, yy, xx, m]
     return out.flatten(2)
+
+
+def float32_tolerances(inputs, grad_out):
+    """Per-element bounds on how far two float32 evaluations of the op (any summation order, with
+    or without FMA) may differ, for (output, grad_value, grad_sampling_locations,
+    grad_attention_weights), from float32's unit roundoff u = 2**-24.
+
+    Each quantity is a sum of products; a float32 sum of k terms is within k * u * sum|terms| of
+    the exact one, and the corner weights are within 2 * max(H, W) * u of theirs (the pixel
+    coordinate loc * W - 0.5 rounds at magnitude W). With V = max |value| over the head's
+    positions, G = sum_d |grad_out| and a the attention weights:
+      output       sum_{l,p} a * V                            (k = 4 L P)
+      grad_value   sum_{q,l,p} a * |grad_out|                 (k = Lq L P)
+      grad_loc     2 * a * W (or H) * G * V                   (k = D)
+      grad_attn    G * V                                      (k = D)
+    each scaled by 2 (k + 8 + 2 max(H, W)) u for two evaluations.
+    """
+    value, spatial_shapes, _, locations, weights = (t.detach().double() if t.is_floating_point() else t
+                                                   for t in inputs)
+    n, _, heads, channels = value.shape
+    _, queries, _, levels, points, _ = locations.shape
+    u = 2.0 ** -24
+    widest = int(spatial_shapes.max())
+    slack = 8 + 2 * widest
+
+    def scale(k):
+        return 2 * (k + slack) * u
+
+    v_max = value.abs().amax(1)  # (N, M, D)
+    attn = weights.abs()
+    g = grad_out.detach().double().abs().view(n, queries, heads, channels)
+    g_sum = g.sum(-1)  # (N, Lq, M)
+    out = (attn.sum((-1, -2))[..., None] * v_max[:, None]).flatten(2) * scale(4 * levels * points)
+    grad_value = (attn.sum((-1, -2))[..., None] * g).sum(1)[:, None] * scale(queries * levels * points)  # (N, 1, M, D)
+    size_xy = spatial_shapes.flip(-1).double().view(1, 1, 1, levels, 1, 2)  # (W, H)
+    head_mag = (g_sum[..., None] * v_max[:, None]).amax(-1)  # (N, Lq, M): max over d of G * V
+    grad_loc = 2 * attn[..., None] * size_xy * head_mag[..., None, None, None] * scale(channels)
+    grad_attn = head_mag[..., None, None].expand_as(attn) * scale(channels)
+    return out, grad_value.expand_as(value), grad_loc, grad_attn

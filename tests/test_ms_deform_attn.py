@@ -202,3 +202,21 @@ def test_pixel_centres_and_borders():
         loc = torch.tensor([x, y], dtype=value.dtype).view(1, 1, 1, 1, 1, 2)
         for fn in (ms_deform_attn, ms_deform_attn_reference):
             torch.testing.assert_close(fn(value, shapes, starts, loc, weights)[0, 0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_hostile_level_layouts_never_crash():
+    """Random and extreme level layouts (sizes whose product wraps around 2**64 and so "sum to S",
+    zero, negative, misplaced starts) through the Python op, the raw operators and (when built) the
+    emulated CUDA kernels, in a subprocess: each call raises or returns finite values, none crashes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "tests"))
+    from cuda_emulation.msda_emu import default_library
+
+    library = default_library()
+    args = [sys.executable, os.path.join(root, "tests", "msda_layout_fuzz.py"), "0", "300"]
+    if os.path.exists(library):
+        args.append(library)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-3000:]}"
+    assert "rejected" in result.stdout

@@ -107,12 +107,19 @@ def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations
             raise TypeError(
                 f"ms_deform_attn: {name} must be a floating-point tensor, got {tensors[name].dtype}"
             )
+    half_value = value.dtype in (torch.float16, torch.bfloat16)
     for name in ("sampling_locations", "attention_weights"):
-        if tensors[name].dtype != value.dtype:
+        dtype = tensors[name].dtype
+        if dtype != value.dtype and not (half_value and dtype == torch.float32):
             raise TypeError(
-                f"ms_deform_attn: mixed float dtypes: value is {value.dtype}, {name} is "
-                f"{tensors[name].dtype}; cast them to one dtype"
+                f"ms_deform_attn: mixed float dtypes: value is {value.dtype}, {name} is {dtype}; "
+                "use value's dtype (or float32 locations and weights with a float16/bfloat16 value)"
             )
+    if sampling_locations.dtype != attention_weights.dtype:
+        raise TypeError(
+            f"ms_deform_attn: mixed float dtypes: sampling_locations is {sampling_locations.dtype}, "
+            f"attention_weights is {attention_weights.dtype}; use one dtype for both"
+        )
     for name in ("spatial_shapes", "level_start_index"):
         if tensors[name].dtype != torch.int64:
             raise TypeError(f"ms_deform_attn: {name} must be int64, got {tensors[name].dtype}")
@@ -123,29 +130,23 @@ def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations
 
 
 def _check_level_layout(value, spatial_shapes, level_start_index):
-    """Checks that the levels tile ``value``'s S axis (reads two small tensors: one sync on CUDA)."""
-    sizes = spatial_shapes.prod(1)
-    starts = torch.cumsum(sizes, 0) - sizes
-    layout = torch.stack(
-        [
-            (spatial_shapes < 1).any(),
-            sizes.sum() != value.shape[1],
-            (level_start_index != starts).any(),
-        ]
-    ).tolist()
-    if layout[0]:
+    """Checks that the levels tile ``value``'s S axis in order (host tensors only: no device sync).
+
+    Sizes are Python integers, so a layout whose ``H * W`` wraps around int64 cannot pass.
+    """
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist()
+    if any(h < 1 or w < 1 for h, w in shapes):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be positive (H, W), got {shapes}")
+    expected = [sum(h * w for h, w in shapes[:level]) for level in range(len(shapes))]
+    total = sum(h * w for h, w in shapes)
+    if total != value.shape[1]:
         raise ValueError(
-            f"ms_deform_attn: spatial_shapes must be positive (H, W), got {spatial_shapes.tolist()}"
+            f"ms_deform_attn: spatial_shapes {shapes} sum to {total} positions but value has S={value.shape[1]}"
         )
-    if layout[1]:
+    if starts != expected:
         raise ValueError(
-            f"ms_deform_attn: spatial_shapes {spatial_shapes.tolist()} sum to {int(sizes.sum())} "
-            f"positions but value has S={value.shape[1]}"
-        )
-    if layout[2]:
-        raise ValueError(
-            f"ms_deform_attn: level_start_index {level_start_index.tolist()} is inconsistent with "
-            f"spatial_shapes (expected {starts.tolist()})"
+            f"ms_deform_attn: level_start_index {starts} is inconsistent with spatial_shapes (expected {expected})"
         )
 
 
@@ -165,14 +166,19 @@ def ms_deform_attn(
         value: (N, S, M, D) float, S = sum_l H_l * W_l (levels flattened row-major, in order).
         spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
         level_start_index: (L,) int64 start of each level in S.
-        sampling_locations: (N, Lq, M, L, P, 2) normalized ``(x, y)``, same dtype as ``value``.
-        attention_weights: (N, Lq, M, L, P), same dtype as ``value``.
+        sampling_locations: (N, Lq, M, L, P, 2) normalized ``(x, y)``, ``value``'s dtype, or float32
+            with a float16/bfloat16 ``value`` (CUDA), so that locations keep full precision.
+        attention_weights: (N, Lq, M, L, P), the dtype of ``sampling_locations``.
 
     Returns:
         (N, Lq, M * D) with ``value``'s dtype.
     """
     _check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if not torch.compiler.is_compiling():
+    # The layout is checked here when it is on the host (or for the reference, which reads it
+    # anyway); a device-side layout is checked by the CUDA kernels, so that a call never waits
+    # for the GPU (and CUDA graphs can capture it).
+    on_host = spatial_shapes.device.type == "cpu" and level_start_index.device.type == "cpu"
+    if not torch.compiler.is_compiling() and (on_host or _NATIVE_IMPORT_ERROR is not None):
         _check_level_layout(value, spatial_shapes, level_start_index)
     args = (
         value.contiguous(),

@@ -28,11 +28,17 @@ def ms_deform_attn_reference(
             contiguous and in order, so the split by ``spatial_shapes`` is enough).
         sampling_locations: (N, Lq, M, L, P, 2) normalized ``(x, y)``.
         attention_weights: (N, Lq, M, L, P).
+        (Mixed dtypes are computed in the widest of them.)
 
     Returns:
-        (N, Lq, M * D)
+        (N, Lq, M * D) with ``value``'s dtype.
     """
     del level_start_index
+    dtype = torch.promote_types(value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype))
+    out_dtype = value.dtype
+    value, sampling_locations, attention_weights = (
+        t.to(dtype) for t in (value, sampling_locations, attention_weights)
+    )
     n, _, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
@@ -50,4 +56,4 @@ def ms_deform_attn_reference(
     # (N, Lq, M, L, P) -> (N*M, 1, Lq, L*P)
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * num_points)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)
-    return out.view(n, m * d, lq).transpose(1, 2).contiguous()
+    return out.view(n, m * d, lq).transpose(1, 2).contiguous().to(out_dtype)

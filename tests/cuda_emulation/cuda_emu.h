@@ -127,17 +127,24 @@ inline void yield() {
   after_switch_to_fiber(rt.fibers[rt.current].fake_stack);
 }
 
-// Ends the current fiber for good.
+// Abandons the current fiber mid-kernel (a failed launch); it restarts from scratch next time.
 [[noreturn]] inline void exit_fiber() {
-  rt.fibers[rt.current].state = State::done;
+  Fiber& f = rt.fibers[rt.current];
+  f.state = State::done;
+  f.started = false;
   before_switch_to_scheduler(true);
   _longjmp(rt.scheduler, 1);
 }
 
+// A fiber runs the kernel body once per block, parking in between (started once per launch
+// series, not per block: starting a context is the expensive part).
 inline void fiber_main() {
   after_switch_to_fiber(nullptr);
-  (*rt.body)();
-  exit_fiber();
+  for (;;) {
+    (*rt.body)();
+    rt.fibers[rt.current].state = State::done;
+    yield();
+  }
 }
 
 // Runs fiber t until it yields or ends.
@@ -299,37 +306,39 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads < 1 || threads > 1024) fail("block of " + std::to_string(threads) + " threads");
 #ifdef CUDA_EMU_ASAN
-  const size_t stack_bytes = 256 << 10;
+  constexpr size_t stack_bytes = 256 << 10;
 #else
-  const size_t stack_bytes = 64 << 10;
+  constexpr size_t stack_bytes = 64 << 10;
 #endif
   rt.grid_dim = grid;
   rt.block_dim = block;
   rt.body = &body;
   rt.error.clear();
-  rt.fibers.resize(threads);
-  for (Fiber& f : rt.fibers) {
-    if (f.stack.size() != stack_bytes) f.stack.assign(stack_bytes, 0);
+  if (rt.fibers.size() != static_cast<size_t>(threads)) {
+    rt.fibers = std::vector<Fiber>(threads);
+    for (Fiber& f : rt.fibers) f.stack.assign(stack_bytes, 0);
   }
-  for (unsigned bz = 0; bz < grid.z; ++bz) {
-    for (unsigned by = 0; by < grid.y; ++by) {
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        rt.block_idx = {bx, by, bz};
-        for (Fiber& f : rt.fibers) {
-          f.started = false;
-          f.state = State::ready;
-        }
-        for (int done = 0; done < threads;) {
-          for (int t = 0; t < threads; ++t) {
-            if (rt.fibers[t].state == State::ready) run_fiber(t);
-            if (!rt.error.empty()) throw Error(rt.error);
+  try {
+    for (unsigned bz = 0; bz < grid.z; ++bz) {
+      for (unsigned by = 0; by < grid.y; ++by) {
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          rt.block_idx = {bx, by, bz};
+          for (Fiber& f : rt.fibers) f.state = State::ready;
+          for (int done = 0; done < threads;) {
+            for (int t = 0; t < threads; ++t) {
+              if (rt.fibers[t].state == State::ready) run_fiber(t);
+              if (!rt.error.empty()) fail(rt.error);
+            }
+            done = 0;
+            for (const Fiber& f : rt.fibers) done += f.state == State::done;
+            if (done < threads && resolve_shuffles(threads) == 0) report_divergence(threads);
           }
-          done = 0;
-          for (const Fiber& f : rt.fibers) done += f.state == State::done;
-          if (done < threads && resolve_shuffles(threads) == 0) report_divergence(threads);
         }
       }
     }
+  } catch (const Error&) {
+    for (Fiber& f : rt.fibers) f.started = false;  // their stacks hold a kernel that will not finish
+    throw;
   }
 }
 

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-__all__ = ["EmulatedCuda", "default_library", "DTYPE_CODES"]
+__all__ = ["EmulatedCuda", "cuda_emulation", "default_library", "DTYPE_CODES"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,3 +82,30 @@ class EmulatedCuda:
                 return grad_value, None, None, grad_loc, grad_attn
 
         return Op.apply
+
+
+def _load(max_blocks=0):
+    path = default_library()
+    if not os.path.exists(path):
+        message = f"the CUDA emulation library {path} is not built (make cuda-emulation)"
+        if os.environ.get("DINO_DETR_REQUIRE_EXT") == "1":
+            raise FileNotFoundError(message)
+        import pytest
+
+        pytest.skip(message)
+    return EmulatedCuda(path, max_blocks)
+
+
+def _fixture():
+    import pytest
+
+    @pytest.fixture
+    def cuda_emulation():
+        """Factory of ``EmulatedCuda(max_blocks=...)`` on the built library (skips when it is not
+        built, fails instead under ``DINO_DETR_REQUIRE_EXT=1``)."""
+        return _load
+
+    return cuda_emulation
+
+
+cuda_emulation = _fixture()

@@ -29,19 +29,23 @@ struct CudaBackend {
   }
 };
 
-// Calls fn(scalar_t{}, loc_t{}) for value's dtype and the locations' dtype (value's, or float32
-// with a half-precision value).
+// Calls fn(scalar_t{}, loc_t{}) with loc_t = scalar_t, or float for a half-precision scalar_t
+// with float32 locations.
+template <typename scalar_t, typename Fn>
+void with_loc_type(at::ScalarType loc_type, const Fn& fn) {
+  if constexpr (std::is_same_v<at::opmath_type<scalar_t>, scalar_t>) {
+    fn(scalar_t{}, scalar_t{});
+  } else if (loc_type == at::kFloat) {
+    fn(scalar_t{}, float{});
+  } else {
+    fn(scalar_t{}, scalar_t{});
+  }
+}
+
 template <typename Fn>
-void dispatch_types(const at::Tensor& value, const at::Tensor& sampling_locations, const char* name, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), name, [&] {
-    if constexpr (std::is_same_v<at::opmath_type<scalar_t>, scalar_t>) {
-      fn(scalar_t{}, scalar_t{});
-    } else if (sampling_locations.scalar_type() == at::kFloat) {
-      fn(scalar_t{}, float{});
-    } else {
-      fn(scalar_t{}, scalar_t{});
-    }
-  });
+void dispatch_types(const at::Tensor& value, const at::Tensor& sampling_locations, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda",
+                                  [&] { with_loc_type<scalar_t>(sampling_locations.scalar_type(), fn); });
 }
 
 at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -52,7 +56,7 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
   const c10::cuda::CUDAGuard guard(value.device());
   at::Tensor out = at::empty({sizes.batch, sizes.queries, sizes.heads * sizes.channels}, value.options());
   const CudaBackend backend{c10::cuda::getCurrentCUDAStream()};
-  dispatch_types(value, sampling_locations, "ms_deform_attn_cuda", [&](auto scalar, auto loc) {
+  dispatch_types(value, sampling_locations, [&](auto scalar, auto loc) {
     using scalar_t = decltype(scalar);
     using loc_t = decltype(loc);
     msda::launch_forward(backend, value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
@@ -73,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   at::Tensor grad_loc = at::zeros_like(sampling_locations);
   at::Tensor grad_attn = at::zeros_like(attention_weights);
   const CudaBackend backend{c10::cuda::getCurrentCUDAStream()};
-  dispatch_types(value, sampling_locations, "ms_deform_attn_backward_cuda", [&](auto scalar, auto loc) {
+  dispatch_types(value, sampling_locations, [&](auto scalar, auto loc) {
     using scalar_t = decltype(scalar);
     using loc_t = decltype(loc);
     msda::launch_backward(backend, grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
