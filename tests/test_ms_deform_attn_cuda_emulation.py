@@ -130,3 +130,9 @@ def test_half_value_float32_locations_keep_precision(cuda_emulation, dtype):
     torch.testing.assert_close(mixed, full.to(dtype), rtol=0, atol=0)
     half_loc = emu.forward(value.to(dtype), shapes, starts, loc.to(dtype), weights.to(dtype))
     assert (half_loc != mixed).float().mean() > 0.5
+    grad_out = torch.randn(full.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads_full = emu.backward(grad_out.float(), value.to(dtype).float(), shapes, starts, loc, weights)
+    grads_mixed = emu.backward(grad_out, value.to(dtype), shapes, starts, loc, weights)
+    for mixed, full, want_dtype in zip(grads_mixed, grads_full, (dtype, torch.float32, torch.float32)):
+        assert mixed.dtype == want_dtype
+        torch.testing.assert_close(mixed, full.to(want_dtype), rtol=0, atol=0)

@@ -1,6 +1,6 @@
 // Host emulation of the CUDA features used by dino_detr/csrc/cuda/ms_deform_attn_kernels.cuh, so
 // that the kernels compile for the CPU and run in CI without a GPU (portable: POSIX ucontext to
-// start a fiber, _setjmp/_longjmp to switch; x86-64 and aarch64 alike).
+// start a fiber, the compiler's setjmp/longjmp builtins to switch; x86-64 and aarch64 alike).
 //
 // A launch runs its blocks one after another; each CUDA thread of a block is a fiber with its own
 // stack, run until it ends or reaches a warp-synchronous call. Strict warp semantics (what is
@@ -15,7 +15,6 @@
 // -fsanitize=address,undefined to check the kernels' indexing and integer arithmetic too.
 #pragma once
 
-#include <csetjmp>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -26,6 +25,7 @@
 #include <ucontext.h>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define CUDA_EMU_ASAN 1
 #endif
@@ -54,10 +54,17 @@ struct Shuffle {  // a pending __shfl_*_sync
   uint64_t in, out;
 };
 
+// A switch saves and restores only what the compiler needs (GCC and Clang builtins: no signal
+// mask, no libc unwinding, not intercepted by sanitizers; it must not be taken in the function
+// that saved the buffer, hence jump()).
+using JumpBuffer = void* [5];
+
+[[noreturn]] __attribute__((noinline)) inline void jump(JumpBuffer& target) { __builtin_longjmp(target, 1); }
+
 struct Fiber {
   std::vector<char> stack;
   ucontext_t start;
-  jmp_buf resume;
+  JumpBuffer resume;
   bool started = false;
   State state = State::ready;
   void* fake_stack = nullptr;  // AddressSanitizer's fake stack while switched out
@@ -68,7 +75,7 @@ struct Runtime {
   dim3 grid_dim, block_dim, block_idx, thread_idx;
   std::vector<Fiber> fibers;
   int current = -1;
-  jmp_buf scheduler;
+  JumpBuffer scheduler;
   ucontext_t scheduler_context;
   const std::function<void()>* body = nullptr;
   std::string error;  // set by a fiber (device-side assertion), thrown by the scheduler
@@ -120,9 +127,9 @@ inline void after_switch_to_fiber(void* fake_stack) {
 // Suspends the current fiber (it resumes where it stopped).
 inline void yield() {
   Fiber& f = rt.fibers[rt.current];
-  if (_setjmp(f.resume) == 0) {
+  if (__builtin_setjmp(f.resume) == 0) {
     before_switch_to_scheduler(false);
-    _longjmp(rt.scheduler, 1);
+    jump(rt.scheduler);
   }
   after_switch_to_fiber(rt.fibers[rt.current].fake_stack);
 }
@@ -133,7 +140,7 @@ inline void yield() {
   f.state = State::done;
   f.started = false;
   before_switch_to_scheduler(true);
-  _longjmp(rt.scheduler, 1);
+  jump(rt.scheduler);
 }
 
 // A fiber runs the kernel body once per block, parking in between (started once per launch
@@ -153,18 +160,21 @@ inline void run_fiber(int t) {
   rt.current = t;
   const unsigned x = rt.block_dim.x, y = rt.block_dim.y;
   rt.thread_idx = {t % x, t / x % y, t / (x * y)};
-  if (_setjmp(rt.scheduler) == 0) {
+  if (__builtin_setjmp(rt.scheduler) == 0) {
     before_switch_to_fiber(f);
     if (!f.started) {
       f.started = true;
+#ifdef CUDA_EMU_ASAN
+      ASAN_UNPOISON_MEMORY_REGION(f.stack.data(), f.stack.size());  // frames abandoned by a failed launch
+#endif
       getcontext(&f.start);
       f.start.uc_stack.ss_sp = f.stack.data();
       f.start.uc_stack.ss_size = f.stack.size();
       f.start.uc_link = nullptr;
       makecontext(&f.start, &fiber_main, 0);
-      swapcontext(&rt.scheduler_context, &f.start);  // returns only through _longjmp above
+      swapcontext(&rt.scheduler_context, &f.start);  // never returns: the fiber jumps back
     } else {
-      _longjmp(f.resume, 1);
+      jump(f.resume);
     }
   }
   after_switch_to_scheduler();
