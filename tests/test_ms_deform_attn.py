@@ -220,3 +220,59 @@ def test_hostile_level_layouts_never_crash():
     result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-3000:]}"
     assert "rejected" in result.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_value_with_float32_locations_reference_and_fake(dtype):
+    """A half-precision value with float32 sampling locations and weights: the reference computes
+    in float32 and returns value's dtype; the fake kernel and its autograd give the dtypes the
+    CUDA op returns (output and grad_value in value's dtype, location / weight gradients float32)."""
+    value, shapes, starts, loc, weights = make_inputs(2, [[5, 7], [2, 3]], 2, 4, 6, 2, dtype=torch.float32, seed=4)
+    out = ms_deform_attn_reference(value.to(dtype), shapes, starts, loc, weights)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ms_deform_attn_reference(value.to(dtype).float(), shapes, starts, loc, weights)
+                               .to(dtype), rtol=0, atol=0)
+    if not native_extension_available():
+        pytest.skip("dino_detr._C is not built (no fake kernel)")
+    meta = [t.to("meta") for t in (value.to(dtype), shapes, starts, loc, weights)]
+    meta = [t.requires_grad_() if t.is_floating_point() else t for t in meta]
+    out = torch.ops.dino_detr.ms_deform_attn(*meta)
+    assert out.dtype == dtype and out.shape == (2, 6, 8)
+    grads = torch.autograd.grad(out.sum(), (meta[0], meta[3], meta[4]))
+    assert [g.dtype for g in grads] == [dtype, torch.float32, torch.float32]
+
+
+def test_mixed_dtypes_accepted_only_for_half_value():
+    value, shapes, starts, loc, weights = make_inputs(1, [[3, 4]], 2, 3, 5, 2, dtype=torch.float32)
+    with pytest.raises(TypeError, match="mixed float dtypes"):
+        ms_deform_attn(value.double(), shapes, starts, loc, weights)
+    with pytest.raises(TypeError, match="mixed float dtypes: sampling_locations is torch.float32"):
+        ms_deform_attn(value.half(), shapes, starts, loc, weights.half())
+    if native_extension_available():
+        with pytest.raises(RuntimeError, match="must have value's dtype"):
+            torch.ops.dino_detr.ms_deform_attn(value.double(), shapes, starts, loc, weights)
+
+
+def test_module_keeps_locations_float32_under_autocast(monkeypatch):
+    """Under bf16 autocast MSDeformAttn samples at float32 locations: the reference points are not
+    rounded to half precision (only the learned offsets, which come out of a half Linear, are)."""
+    from dino_detr.layers import MSDeformAttn
+    from dino_detr.layers import ms_deform_attn_module
+
+    torch.manual_seed(0)
+    module = MSDeformAttn(embed_dim=32, num_heads=2, num_levels=2, num_points=2)
+    shapes = torch.tensor([[100, 152], [50, 76]])
+    starts = torch.tensor([0, 100 * 152])
+    query = torch.randn(1, 7, 32)
+    value = torch.randn(1, 100 * 152 + 50 * 76, 32)
+    refs = torch.rand(1, 7, 2, 2)
+    seen = []
+    monkeypatch.setattr(ms_deform_attn_module, "ms_deform_attn", lambda *args: seen.append(args) or ms_deform_attn(*args))
+    module(query, refs, value, shapes, starts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module(query, refs, value, shapes, starts)
+    full, mixed = seen
+    assert mixed[3].dtype == torch.float32 and mixed[4].dtype == torch.float32
+    # Offsets (|o| <= ~2.5 cells, bf16: 2**-9 relative) move a location by < 1e-4; rounding the
+    # reference points to bf16 would move them by up to 2**-9 (~2e-3).
+    assert (mixed[3] - full[3]).abs().max() < 2e-4

@@ -95,23 +95,23 @@ class MSDeformAttn(nn.Module):
         weights = weights.view(n, num_queries, m, l, p)
         # Sampling locations: reference + offsets * scale. Broadcasting only over the heads
         # (the P points of a level share reference and scale) keeps the inner run L*P*2 long.
+        # Locations and weights in float32 at least (under autocast too): half precision would
+        # quantize the sampling positions (~0.08 px at W=167). value may stay half on CUDA.
+        loc_dtype = torch.promote_types(torch.promote_types(offsets.dtype, weights.dtype), torch.float32)
+        half_value = value.dtype in (torch.float16, torch.bfloat16) and value.device.type == "cuda"
+        value_dtype = value.dtype if half_value else torch.promote_types(value.dtype, loc_dtype)
         refs = reference_points[:, :, None, :, None, :2]  # (N, Lq, 1, L, 1, 2)
         if reference_points.shape[-1] == 2:
-            scale = (1.0 / spatial_shapes.flip(-1).to(offsets.dtype))[:, None, :]  # (L, 1, 2): 1 / (W, H)
+            scale = (1.0 / spatial_shapes.flip(-1).to(loc_dtype))[:, None, :]  # (L, 1, 2): 1 / (W, H)
         else:
             scale = reference_points[:, :, None, :, None, 2:] * (0.5 / p)  # half the box size / P
-        locations = torch.addcmul(
-            _per_point(refs, p).to(offsets.dtype),
-            offsets.view(n, num_queries, m, l * p * 2),
-            _per_point(scale, p).to(offsets.dtype),
+        locations = torch.addcmul(  # autocast keeps addcmul in its inputs' (float32) type
+            _per_point(refs, p).to(loc_dtype),
+            offsets.view(n, num_queries, m, l * p * 2).to(loc_dtype),
+            _per_point(scale, p).to(loc_dtype),
         ).view(n, num_queries, m, l, p, 2)
-        # One dtype for the op: under autocast the offsets are half while the reference
-        # points stay float32; sample in the wider type.
-        dtype = torch.promote_types(value.dtype, torch.promote_types(locations.dtype, weights.dtype))
-        if value.device.type == "cpu":  # CPU autocast gives half types; the CPU kernels are float32/64
-            dtype = torch.promote_types(dtype, torch.float32)
         out = ms_deform_attn(
-            value.to(dtype), spatial_shapes, level_start_index, locations.to(dtype), weights.to(dtype)
+            value.to(value_dtype), spatial_shapes, level_start_index, locations, weights.to(loc_dtype)
         )
         return self.output_proj(out.to(query.dtype))
 
