@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <type_traits>
 #include <vector>
 
 #include "cuda_emu.h"
@@ -98,6 +99,17 @@ int guarded(char* err, int err_size, const Fn& fn) {
   }
 }
 }  // namespace
+
+// dtype code of the grad_value buffer the backward accumulates into, for a value of value_dtype.
+extern "C" int msda_emu_grad_value_dtype(int value_dtype) {
+  int code = -1;
+  dispatch(value_dtype, value_dtype, [&](auto scalar, auto) {
+    using acc_t = dino_detr::msda::grad_value_acc_t<decltype(scalar)>;
+    code = std::is_same_v<acc_t, float> ? 0 : std::is_same_v<acc_t, double> ? 1
+         : std::is_same_v<acc_t, c10::Half> ? 2 : 3;
+  });
+  return code;
+}
 
 // sizes: (N, S, M, D, Lq, L, P).
 extern "C" int msda_emu_forward(int value_dtype, int loc_dtype, void* value, void* shapes, void* starts,

@@ -36,7 +36,13 @@ class EmulatedCuda:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self.lib.msda_emu_forward.argtypes = [i32, i32] + [p] * 7 + [i64, ctypes.c_char_p, i32]
         self.lib.msda_emu_backward.argtypes = [i32, i32] + [p] * 10 + [i64, ctypes.c_char_p, i32]
+        self.lib.msda_emu_grad_value_dtype.argtypes = [i32]
         self.op = self._make_op()
+
+    def _grad_value_dtype(self, dtype):
+        """dtype of the buffer the backward accumulates grad_value into (float32 for the half types)."""
+        code = self.lib.msda_emu_grad_value_dtype(DTYPE_CODES[dtype])
+        return next(t for t, c in DTYPE_CODES.items() if c == code)
 
     def _call(self, fn, value, loc, *pointers):
         err = ctypes.create_string_buffer(2048)
@@ -58,8 +64,7 @@ class EmulatedCuda:
         """(grad_value, grad_sampling_locations, grad_attention_weights), as the CUDA operator returns them."""
         grad_out, value, shapes, starts, loc, attn = (
             t.contiguous() for t in (grad_out, value, shapes, starts, loc, attn))
-        opmath = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
-        gv = torch.zeros(value.shape, dtype=opmath)
+        gv = torch.zeros(value.shape, dtype=self._grad_value_dtype(value.dtype))
         gl, ga = torch.zeros_like(loc), torch.zeros_like(attn)
         sizes = _sizes(value, loc, shapes)
         self._call(self.lib.msda_emu_backward, value, loc, grad_out.data_ptr(), value.data_ptr(), shapes.data_ptr(),

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Mutation check of the emulated CUDA suite: plants plausible bugs in the MSDA CUDA kernels and
+shows that the emulated tests catch each one.
+
+For every mutant, a copy of dino_detr/csrc gets one edit, the host emulation is built from the copy
+(tests/cuda_emulation/build.sh) and the emulated tests (test_ms_deform_attn_cuda_emulation.py, then
+the emulated backend of test_ms_deform_attn_cuda.py) run against it until the first failure. A
+mutant is caught when the suite fails (or crashes, or hangs past --timeout). Prints one line per
+mutant and "caught X of Y"; exits 1 when a mutant survives. Needs no GPU; about 2 minutes on 2 cores.
+
+    python tests/cuda_emulation/mutation_check.py [--only NAME] [--timeout 600]
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KERNELS = "cuda/ms_deform_attn_kernels.cuh"
+SAMPLE = "ms_deform_attn_sample.h"
+
+# name: (file under dino_detr/csrc, text, replacement); every occurrence is replaced.
+MUTANTS = {
+    "off-by-one channel bound": (
+        KERNELS, "for (int64_t d = lane; d < s.channels; d += s.group) {\n      acc_t acc = 0;",
+        "for (int64_t d = lane; d <= s.channels; d += s.group) {\n      acc_t acc = 0;"),
+    "off-by-one corner bound": (SAMPLE, "in_x1 = x0 + 1 < w", "in_x1 = x0 + 1 <= w"),
+    "overflowing level bound": (
+        SAMPLE, "start <= spatial && h <= (spatial - start) / w", "start <= spatial && h * w <= spatial - start"),
+    "wrong head index": (KERNELS, "m = qm % s.heads;", "m = qm / s.queries % s.heads;"),
+    "wrong shuffle mask": (
+        KERNELS, "(((1u << s.group) - 1u) << ((threadIdx.x % 32) / s.group * s.group))", "((1u << s.group) - 1u)"),
+    "divergent shuffle": (
+        KERNELS, "for (int c = 0; c < 4; ++c) dot[c] = group_sum(dot[c], s.group, mask);",
+        "for (int c = 0; c < 4; ++c) {\n          if (lane < s.channels) dot[c] = group_sum(dot[c], s.group, mask);\n        }"),
+    "wrong grid stride": (
+        KERNELS, "static_cast<int64_t>(gridDim.x) * groups_per_block;", "static_cast<int64_t>(gridDim.x) * blockDim.x;"),
+    "a lane that never writes": (
+        KERNELS, "      out[qm * s.channels + d] = static_cast<scalar_t>(acc);",
+        "      if (lane != 1) out[qm * s.channels + d] = static_cast<scalar_t>(acc);"),
+    "wrong gradient scale": (SAMPLE, "grad_x = a * static_cast<T>(w) * dfx;", "grad_x = a * static_cast<T>(h) * dfx;"),
+    "half-precision atomics": (
+        KERNELS, "using grad_value_acc_t = at::opmath_type<scalar_t>;", "using grad_value_acc_t = scalar_t;"),
+}
+
+TESTS = ["tests/test_ms_deform_attn_cuda_emulation.py", "tests/test_ms_deform_attn_cuda.py"]
+
+
+def run_mutant(name, edit, work, timeout):
+    """(caught, what failed) for one mutant."""
+    path, text, replacement = edit
+    csrc = os.path.join(work, name.replace(" ", "_"), "csrc")
+    shutil.copytree(os.path.join(ROOT, "dino_detr", "csrc"), csrc)
+    source = os.path.join(csrc, path)
+    with open(source) as f:
+        code = f.read()
+    if text not in code:
+        raise SystemExit(f"mutant {name!r}: {text!r} is not in {path} (update this script with the kernels)")
+    with open(source, "w") as f:
+        f.write(code.replace(text, replacement))
+    library = os.path.join(csrc, "libmsda_emu.so")
+    env = dict(os.environ, MSDA_CSRC=csrc, PYTHON=sys.executable)
+    subprocess.run([os.path.join(ROOT, "tests", "cuda_emulation", "build.sh"), library, "base"], env=env,
+                   check=True, cwd=ROOT)
+    env = dict(os.environ, DINO_DETR_CUDA_EMU=library, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "not gpu", "-W", "ignore",
+               *TESTS]
+    try:
+        result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return True, f"hangs (> {timeout} s)"
+    if result.returncode == 0:
+        return False, "all emulated tests pass"
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    return True, failed[0][len("FAILED "):] if failed else f"crashes (exit {result.returncode})"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=sorted(MUTANTS), help="run one mutant")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds before a mutant's test run counts as hung")
+    args = parser.parse_args()
+    names = [args.only] if args.only else list(MUTANTS)
+    caught = 0
+    with tempfile.TemporaryDirectory(prefix="msda_mutants_") as work:
+        for name in names:
+            start = time.time()
+            was_caught, what = run_mutant(name, MUTANTS[name], work, args.timeout)
+            caught += was_caught
+            print(f"{'caught  ' if was_caught else 'SURVIVED'} {name:28s} {time.time() - start:5.0f} s  {what[:150]}",
+                  flush=True)
+    print(f"caught {caught} of {len(names)}")
+    return 0 if caught == len(names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
