@@ -12,6 +12,21 @@ from cuda_emulation.msda_emu import cuda_emulation  # noqa: F401  (fixture)
 from msda_inputs import level_layout, make_inputs
 
 
+@pytest.mark.parametrize("kind,error", [
+    (1, "omits the calling lane"),
+    (2, "which has exited"),
+    (3, "divergent shuffle"),
+    (4, "outside shuffle mask"),
+])
+def test_emulator_rejects_what_is_undefined_on_a_gpu(cuda_emulation, kind, error):
+    """The emulator's warp rules themselves: a correct xor reduction sums its warp; a shuffle mask
+    without the caller, naming an exited lane, split over two calls, or read outside is an error."""
+    emu = cuda_emulation()
+    assert emu.selftest(0) == sum(range(32))
+    with pytest.raises(RuntimeError, match=error):
+        emu.selftest(kind)
+
+
 def _check_float64(emu, inputs, seed=0):
     """Forward and all gradients of the emulated kernels against the reference (float64)."""
     value = inputs[0]

@@ -15,7 +15,9 @@
 // -fsanitize=address,undefined to check the kernels' indexing and integer arithmetic too.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -79,7 +81,6 @@ struct Runtime {
   ucontext_t scheduler_context;
   const std::function<void()>* body = nullptr;
   std::string error;  // set by a fiber (device-side assertion), thrown by the scheduler
-  size_t stack_bytes = 0;
 #ifdef CUDA_EMU_ASAN
   void* fake_stack = nullptr;  // the scheduler's, while a fiber runs
   const void* scheduler_stack_bottom = nullptr;

@@ -100,6 +100,35 @@ int guarded(char* err, int err_size, const Fn& fn) {
 }
 }  // namespace
 
+// Self-test of the emulator's warp rules on small kernels of one 64-thread block; `kind`:
+// 0 a correct xor reduction over each warp (writes the sum into *out), 1 a mask without the
+// calling lane, 2 a mask naming a lane that has exited, 3 lanes of one mask at different calls,
+// 4 a source lane outside the mask. Returns 0, or 1 with the emulator's error in err.
+extern "C" int cuda_emu_selftest(int kind, int* out, char* err, int err_size) {
+  return guarded(err, err_size, [&] {
+    cuda_emu::launch(dim3{1, 1, 1}, dim3{64, 1, 1}, [&] {
+      const int lane = threadIdx.x % 32;
+      int x = lane;
+      switch (kind) {
+        case 0:
+          for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+          if (threadIdx.x == 0) *out = x;
+          break;
+        case 1: __shfl_xor_sync(0x0000ffffu, x, 1); break;
+        case 2:
+          if (lane == 31) return;
+          __shfl_xor_sync(0xffffffffu, x, 1);
+          break;
+        case 3:
+          if (lane % 2) __shfl_xor_sync(0xffffffffu, x, 1);
+          else __shfl_xor_sync(0xffffffffu, x, 1);
+          break;
+        default: __shfl_sync(lane < 16 ? 0x0000ffffu : 0xffff0000u, x, 16); break;
+      }
+    });
+  });
+}
+
 // dtype code of the grad_value buffer the backward accumulates into, for a value of value_dtype.
 extern "C" int msda_emu_grad_value_dtype(int value_dtype) {
   int code = -1;

@@ -39,6 +39,14 @@ class EmulatedCuda:
         self.lib.msda_emu_grad_value_dtype.argtypes = [i32]
         self.op = self._make_op()
 
+    def selftest(self, kind):
+        """Runs the emulator's warp-rule self-test ``kind`` (see msda_emu.cpp): the warp sum, or raises."""
+        out = ctypes.c_int(-1)
+        err = ctypes.create_string_buffer(2048)
+        if self.lib.cuda_emu_selftest(kind, ctypes.byref(out), err, len(err)):
+            raise RuntimeError(err.value.decode())
+        return out.value
+
     def _grad_value_dtype(self, dtype):
         """dtype of the buffer the backward accumulates grad_value into (float32 for the half types)."""
         code = self.lib.msda_emu_grad_value_dtype(DTYPE_CODES[dtype])
