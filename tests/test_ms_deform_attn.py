@@ -276,3 +276,13 @@ def test_module_keeps_locations_float32_under_autocast(monkeypatch):
     # Offsets (|o| <= ~2.5 cells, bf16: 2**-9 relative) move a location by < 1e-4; rounding the
     # reference points to bf16 would move them by up to 2**-9 (~2e-3).
     assert (mixed[3] - full[3]).abs().max() < 2e-4
+
+
+@needs_ext
+def test_device_layout_is_not_read_on_the_host():
+    """A level layout that lives on a device is not read by the Python op (no device sync per call,
+    so CUDA graphs can capture it; the CUDA kernels check it on the device): on the meta device,
+    whose data cannot be read at all, the op runs through its fake kernel."""
+    inputs = [t.to("meta") for t in make_inputs(2, [[3, 4], [2, 2]], 2, 3, 5, 2, dtype=torch.float32)]
+    out = ms_deform_attn(*inputs)
+    assert out.device.type == "meta" and out.shape == (2, 5, 6)
