@@ -41,8 +41,8 @@ demo: setup
 	$(PY) tools/run_demo.py
 
 test: setup $(CUDA_EMU)
-	DINO_DETR_REQUIRE_EXT=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
-	DINO_DETR_REQUIRE_EXT=1 DINO_DETR_CUDA_EMU=$(word 2,$(CUDA_EMU)) ASAN_OPTIONS=detect_leaks=0 \
+	DINO_DETR_REQUIRE_EXT=1 DINO_DETR_REQUIRE_CUDA_EMU=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	DINO_DETR_REQUIRE_CUDA_EMU=1 DINO_DETR_CUDA_EMU=$(word 2,$(CUDA_EMU)) ASAN_OPTIONS=detect_leaks=0 \
 	  LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	  $(PY) -m pytest -q -p no:cacheprovider $(CUDA_EMU_TESTS) -k "not gpu and not agree and not half_precision_against"
 

@@ -101,7 +101,7 @@ def _load(max_blocks=0):
     path = default_library()
     if not os.path.exists(path):
         message = f"the CUDA emulation library {path} is not built (make cuda-emulation)"
-        if os.environ.get("DINO_DETR_REQUIRE_EXT") == "1":
+        if os.environ.get("DINO_DETR_REQUIRE_CUDA_EMU") == "1":
             raise FileNotFoundError(message)
         import pytest
 
@@ -115,7 +115,7 @@ def _fixture():
     @pytest.fixture
     def cuda_emulation():
         """Factory of ``EmulatedCuda(max_blocks=...)`` on the built library (skips when it is not
-        built, fails instead under ``DINO_DETR_REQUIRE_EXT=1``)."""
+        built, fails instead under ``DINO_DETR_REQUIRE_CUDA_EMU=1``, as ``make test`` sets it)."""
         return _load
 
     return cuda_emulation
