@@ -2,7 +2,7 @@
 strict loading into the model, and every failure naming its tensor.
 
 Source checkpoints are random tensors with the names and shapes of the real models, read
-from the manifests in ``projects/dino_detr/manifests`` (generated from the two code bases)."""
+from the manifests in ``tests/manifests`` (generated from the two code bases)."""
 
 import argparse
 import json
@@ -25,7 +25,7 @@ from dino_detr.checkpoint import (
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MANIFESTS = os.path.join(REPO, "projects", "dino_detr", "manifests")
+MANIFESTS = os.path.join(REPO, "tests", "manifests")
 UNUSED_COCO_IDS = {0, 12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
 
 

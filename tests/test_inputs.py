@@ -100,7 +100,7 @@ def test_predictor_accepts_grayscale_and_plain_predictor_names_bad_tensors(cfg):
 def test_16_bit_image_files_are_scaled_not_saturated(cfg, tmp_path):
     """tools/demo.py's reader: a 16-bit PNG is drawn as its 8-bit version (Detectron2's read_image
     saturated it to white)."""
-    from dino_detr.engine import visualize_predictions
+    from visualization import visualize_predictions
 
     deep = (np.random.default_rng(0).random((48, 64, 3)) * 65535).astype(np.uint16)
     cv2.imwrite(str(tmp_path / "deep.png"), deep)

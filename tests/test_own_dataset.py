@@ -77,7 +77,6 @@ def test_readme_commands_train_evaluate_and_visualise(tmp_path, monkeypatch, cap
     _write_dataset(tmp_path / "datasets" / "mine")
     _write_published_stand_in(tmp_path / "weights" / "dino_r50_4scale_12ep.pth")
     _write_clip(tmp_path / "clip.mp4", tmp_path / "datasets" / "mine" / "val" / "000001.png")
-    sys.path.insert(0, str(REPO / "tools"))
     import demo
     import train_net
 
@@ -109,7 +108,6 @@ def test_num_classes_mismatch_stops_before_training(tmp_path, monkeypatch):
     monkeypatch.setenv("DINO_DETR_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "mine"
     _write_dataset(root)
-    sys.path.insert(0, str(REPO / "tools"))
     import train_net
 
     args = train_net.argument_parser().parse_args([

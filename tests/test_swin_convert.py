@@ -2,7 +2,7 @@
 classifier: every tensor placed or explained, buffers checked, strict loading, failures named.
 
 Source checkpoints are random tensors with the names and shapes of the real models, read from the
-manifests in ``projects/dino_detr/manifests`` (generated from IDEA-Research/DINO and
+manifests in ``tests/manifests`` (generated from IDEA-Research/DINO and
 microsoft/Swin-Transformer); derived buffers get the values those models compute."""
 import argparse
 import importlib.util

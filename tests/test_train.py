@@ -109,7 +109,6 @@ def test_eval_only_reproduces_final_ap(trained, trained_cli, tmp_path):
     """``tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth`` (its main(), with
     Detectron2's default_setup) reproduces the AP printed at the end of training."""
     cfg, results = trained
-    sys.path.insert(0, str(REPO / "tools"))
     import train_net
 
     config_file, weights = trained_cli
@@ -314,7 +313,6 @@ def test_demo_tool_visualizes_a_folder_and_names_missing_inputs(trained, trained
     """tools/demo.py: DefaultPredictor over folders and globs of images, one PNG per image (x.jpg and
     x.png both kept), trailing KEY VALUE overrides; a failed write and missing weights are reported."""
     cfg, _ = trained
-    sys.path.insert(0, str(REPO / "tools"))
     import demo
 
     config_file, weights = trained_cli
@@ -355,7 +353,6 @@ def _write_video(path, frames):
 def test_demo_tool_writes_an_annotated_video(trained, trained_cli, tmp_path, capsys):
     """tools/demo.py --video-input: every frame predicted, drawn and written at the input's frame rate."""
     cfg, _ = trained
-    sys.path.insert(0, str(REPO / "tools"))
     import demo
 
     config_file, weights = trained_cli

@@ -22,7 +22,6 @@ import platform
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 STRIDES = (8, 16, 32, 64)
 DECODER_QUERIES = 1100  # 900 matching + 200 denoising queries

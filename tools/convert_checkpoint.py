@@ -17,9 +17,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dino_detr.checkpoint import (  # noqa: E402
+from dino_detr.checkpoint import (
     CLASS_LAYOUTS,
     SOURCES,
     check_against_model,

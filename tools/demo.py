@@ -19,8 +19,10 @@ from detectron2.utils.logger import setup_logger
 import dino_detr.data  # noqa: F401  (registers the demo datasets' class names)
 from dino_detr import add_dino_config, get_dino_cfg, resolve_device
 from dino_detr.data import parse_dataset_option, register_config_datasets
-from dino_detr.engine import DinoPredictor, list_images, open_video, visualize_predictions, visualize_video
-from dino_detr.utils import reuse_freed_cpu_memory
+from dino_detr.engine import DinoPredictor
+
+from cpu_allocator import reuse_freed_cpu_memory
+from visualization import list_images, open_video, visualize_predictions, visualize_video
 
 logger = logging.getLogger("dino_detr.demo")
 

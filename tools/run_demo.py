@@ -10,18 +10,17 @@ Uses the GPU when there is one (MODEL.DEVICE "cuda" falls back to the CPU withou
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detectron2.data import MetadataCatalog
+from detectron2.utils.logger import setup_logger
 
-from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
+import dino_detr.data  # noqa: F401  (registers dino_demo_train / dino_demo_val)
+from dino_detr import get_dino_cfg, resolve_device
+from dino_detr.data import ensure_demo_dataset
+from dino_detr.engine import DinoPredictor, DinoTrainer
 
-import dino_detr.data  # noqa: E402,F401  (registers dino_demo_train / dino_demo_val)
-from dino_detr import get_dino_cfg, resolve_device  # noqa: E402
-from dino_detr.data import ensure_demo_dataset  # noqa: E402
-from dino_detr.engine import DinoPredictor, DinoTrainer, list_images, visualize_predictions  # noqa: E402
+from visualization import list_images, visualize_predictions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,6 +11,7 @@
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import dino_detr.data  # noqa: F401  (registers the demo datasets)
 from dino_detr import get_dino_cfg, resolve_device
@@ -35,6 +36,7 @@ def setup(args):
     if not args.eval_only:
         lock_output_dir(cfg.OUTPUT_DIR)  # one training per folder; before default_setup writes config.yaml
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dino_detr")  # the project's messages too
     register_config_datasets(cfg)
     return cfg
 

@@ -4,16 +4,7 @@ from .amp import AMP_PRECISIONS, MixedPrecisionTrainer, amp_precision
 from .ema import EMAHook, ModelEMA
 from .nan_guard import FiniteCheckpointer, check_finite_grad_norm
 from .optimizer import build_dino_optimizer, dino_param_groups
-from .predict import (
-    DinoPredictor,
-    dataset_metadata,
-    list_images,
-    open_video,
-    output_names,
-    to_bgr_uint8,
-    visualize_predictions,
-    visualize_video,
-)
+from .predict import DinoPredictor, to_bgr_uint8
 from .run_lock import OutputDirInUseError, lock_output_dir
 from .seeding import IterationSeedHook
 from .train_loader import ResumableTrainingSampler, build_dino_train_loader
@@ -30,12 +21,6 @@ __all__ = [
     "build_dino_optimizer",
     "dino_param_groups",
     "DinoPredictor",
-    "dataset_metadata",
-    "list_images",
-    "open_video",
-    "output_names",
-    "visualize_predictions",
-    "visualize_video",
     "to_bgr_uint8",
     "OutputDirInUseError",
     "lock_output_dir",

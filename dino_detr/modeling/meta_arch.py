@@ -13,7 +13,7 @@ from torchvision.ops import box_convert
 
 from dino_detr.config import check_dino_config
 
-from .backbone import InputProjection
+from .input_projection import InputProjection
 from .criterion import SetCriterion
 from .decoder import look_forward_twice
 from .denoising import DenoisingQueries, contrastive_denoising, dn_positive_indices
