@@ -112,7 +112,7 @@ def _bad_inputs():
     yield "rank 1", (value, shapes, starts[None], loc, weights)
     yield r"\(L, 2\)", (value, torch.tensor([[3, 4, 1], [2, 2, 1]]), starts, loc, weights)
     yield "sum to 16 positions but value has S=14", (value[:, :14], shapes, starts, loc, weights)
-    yield "level_start_index .* inconsistent", (value, shapes, torch.tensor([0, 11]), loc, weights)
+    yield "level_start_index.* inconsistent", (value, shapes, torch.tensor([0, 11]), loc, weights)
     yield "positive", (value, torch.tensor([[4, 4], [0, 2]]), torch.tensor([0, 16]), loc, weights)
     yield "level count mismatch", (value, shapes[:1], starts[:1], loc, weights)
     yield "level count mismatch: spatial_shapes has 2, level_start_index has 1", (value, shapes, starts[:1], loc, weights)
@@ -133,6 +133,9 @@ def _bad_inputs():
         yield "one device", (value.cuda(), shapes, starts, loc.cuda(), weights.cuda())
 
 
+_LAYOUT_ERRORS = ("sum to", "inconsistent", "positive")  # checks that read the tensors' data
+
+
 @pytest.mark.parametrize("match,inputs", list(_bad_inputs()), ids=lambda x: x if isinstance(x, str) else "")
 def test_bad_inputs_raise(match, inputs):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -140,16 +143,50 @@ def test_bad_inputs_raise(match, inputs):
 
 
 @needs_ext
-def test_native_kernel_checks_level_layout():
-    """The C++ op itself refuses a layout that would read outside value (bypassing Python checks)."""
+@pytest.mark.parametrize("match,inputs", [case for case in _bad_inputs() if case[0] != "torch.Tensor"],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_native_op_and_fake_kernel_raise(match, inputs):
+    """The C++ op itself raises each error (no Python check runs before it); its fake kernel, which
+    runs at trace time instead of the C++ checks, raises the same error type for all but the level
+    layout (which only the kernels can read)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inputs = [t.contiguous() for t in inputs]
+    with pytest.raises((ValueError, TypeError), match=match) as native:
+        torch.ops.dino_detr.ms_deform_attn(*inputs)
+    if any(word in match for word in _LAYOUT_ERRORS):
+        return
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in inputs]
+        with pytest.raises(native.type, match=match):
+            torch.ops.dino_detr.ms_deform_attn(*fake)
+
+
+@needs_ext
+def test_native_op_error_types():
+    """The C++ checks raise ValueError for a shape, layout or memory layout and TypeError for a dtype,
+    naming the tensor, what it is and what was expected."""
     value, shapes, starts, loc, weights = make_inputs(1, [[3, 4], [2, 2]], 2, 3, 5, 2, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="sum to 16 positions but value has S=14"):
-        torch.ops.dino_detr.ms_deform_attn(value[:, :14].contiguous(), shapes, starts, loc, weights)
-    with pytest.raises(RuntimeError, match="level_start_index"):
-        torch.ops.dino_detr.ms_deform_attn(value, shapes, torch.tensor([0, 13]), loc, weights)
+    op = torch.ops.dino_detr.ms_deform_attn
+    with pytest.raises(ValueError, match=r"value must have rank 4 \(N, S, M, D\), got shape \[16, 2, 3\]"):
+        op(value[0], shapes, starts, loc, weights)
+    with pytest.raises(ValueError, match="head count mismatch: value has 1, attention_weights has 2"):
+        op(value[:, :, :1].contiguous(), shapes, starts, loc[:, :, :1].contiguous(), weights)
+    with pytest.raises(TypeError, match="level_start_index must be int64, got torch.int32"):
+        op(value, shapes, starts.int(), loc, weights)
+    with pytest.raises(TypeError, match="torch.float16 is supported on CUDA only"):
+        op(value.half(), shapes, starts, loc.half(), weights.half())
+    with pytest.raises(ValueError, match=r"value must be contiguous, got strides \[96, 3, 48, 1\]"):
+        op(value.transpose(1, 2).contiguous().transpose(1, 2), shapes, starts, loc, weights)
+    with pytest.raises(ValueError, match="sum to 16 positions but value has S=14"):
+        op(value[:, :14].contiguous(), shapes, starts, loc, weights)
+    with pytest.raises(ValueError, match=r"level_start_index\[1\] is 13, inconsistent with spatial_shapes"):
+        op(value, shapes, torch.tensor([0, 13]), loc, weights)
 
 
 def test_fallback_warns_once_and_matches_reference():
+    """Without dino_detr._C: one warning, the reference's result, and each bad input refused by the
+    Python checks."""
     script = (
         "import sys, warnings\n"
         "sys.modules['dino_detr._C'] = None  # as if the extension were not built\n"
@@ -165,6 +202,15 @@ def test_fallback_warns_once_and_matches_reference():
         "assert 'pip install --no-build-isolation -e .' in msgs[0], msgs[0]\n"
         "assert not native_extension_available()\n"
         "assert (out - ms_deform_attn_reference(*inputs)).abs().max() == 0\n"
+        "import re\n"
+        "from test_ms_deform_attn import _bad_inputs\n"
+        "for match, bad in _bad_inputs():  # the Python checks, which stand in for the C++ ones here\n"
+        "    try:\n"
+        "        ms_deform_attn(*bad)\n"
+        "    except (ValueError, TypeError) as e:\n"
+        "        assert re.search(match, str(e)), (match, str(e))\n"
+        "    else:\n"
+        "        raise AssertionError(f'accepted: {match}')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -249,7 +295,7 @@ def test_mixed_dtypes_accepted_only_for_half_value():
     with pytest.raises(TypeError, match="mixed float dtypes: sampling_locations is torch.float32"):
         ms_deform_attn(value.half(), shapes, starts, loc, weights.half())
     if native_extension_available():
-        with pytest.raises(RuntimeError, match="must have value's dtype"):
+        with pytest.raises(TypeError, match="mixed float dtypes: value is torch.float64"):
             torch.ops.dino_detr.ms_deform_attn(value.double(), shapes, starts, loc, weights)
 
 

@@ -1,11 +1,15 @@
 """Multi-scale deformable attention: the public op.
 
-``ms_deform_attn`` validates its inputs (clear Python errors instead of crashes or
-out-of-bounds reads), makes them contiguous and calls the native operator
+``ms_deform_attn`` makes its inputs contiguous and calls the native operator
 ``torch.ops.dino_detr.ms_deform_attn`` (schema in ``dino_detr/csrc``; C++ kernel on
 the CPU, CUDA kernels on the GPU). Its autograd formula and fake (meta) kernel are
 registered here through ``torch.library``, so ``torch.compile(fullgraph=True)`` and
 ``torch.export`` trace through it without graph breaks.
+
+Input checks live in C++ (``check_ms_deform_attn_inputs`` in ``dino_detr/csrc/ms_deform_attn.h``
+and the level layout in the kernels): a ``ValueError`` for a bad shape, device or layout, a
+``TypeError`` for a bad dtype. Python repeats them only where no C++ runs: in the fake kernel
+(at trace time) and before the reference fallback.
 
 When the extension ``dino_detr._C`` is not built, the op falls back to the
 pure-PyTorch reference (``grid_sample``) and says so once.
@@ -44,18 +48,16 @@ def native_extension_available() -> bool:
     return _NATIVE_IMPORT_ERROR is None
 
 
+_INPUT_NAMES = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+
+
 def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Checks ranks, sizes, dtypes and devices (no data access; safe under torch.compile)."""
-    tensors = {
-        "value": value,
-        "spatial_shapes": spatial_shapes,
-        "level_start_index": level_start_index,
-        "sampling_locations": sampling_locations,
-        "attention_weights": attention_weights,
-    }
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(t).__name__}")
+    """Checks ranks, sizes, dtypes and devices (no data access; safe under torch.compile).
+
+    The checks of the C++ op (``check_ms_deform_attn_inputs``), with its errors, for where no C++
+    runs: the fake kernel and the reference fallback.
+    """
+    tensors = dict(zip(_INPUT_NAMES, (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)))
     expected_ranks = {
         "value": (4, "(N, S, M, D)"),
         "spatial_shapes": (2, "(L, 2)"),
@@ -67,16 +69,16 @@ def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations
         if tensors[name].dim() != rank:
             raise ValueError(
                 f"ms_deform_attn: {name} must have rank {rank} {layout}, "
-                f"got shape {tuple(tensors[name].shape)}"
+                f"got shape {list(tensors[name].shape)}"
             )
     if spatial_shapes.shape[1] != 2:
         raise ValueError(
-            f"ms_deform_attn: spatial_shapes must be (L, 2) of (H, W), got {tuple(spatial_shapes.shape)}"
+            f"ms_deform_attn: spatial_shapes must be (L, 2) of (H, W), got {list(spatial_shapes.shape)}"
         )
     if sampling_locations.shape[-1] != 2:
         raise ValueError(
             "ms_deform_attn: sampling_locations must end in 2 normalized (x, y) coordinates, "
-            f"got shape {tuple(sampling_locations.shape)}"
+            f"got shape {list(sampling_locations.shape)}"
         )
     n, _, m, _ = value.shape
     num_levels = spatial_shapes.shape[0]
@@ -173,30 +175,25 @@ def ms_deform_attn(
     Returns:
         (N, Lq, M * D) with ``value``'s dtype.
     """
-    _check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    # The layout is checked here when it is on the host (or for the reference, which reads it
-    # anyway); a device-side layout is checked by the CUDA kernels, so that a call never waits
-    # for the GPU (and CUDA graphs can capture it).
-    on_host = spatial_shapes.device.type == "cpu" and level_start_index.device.type == "cpu"
-    if not torch.compiler.is_compiling() and (on_host or _NATIVE_IMPORT_ERROR is not None):
-        _check_level_layout(value, spatial_shapes, level_start_index)
-    args = (
-        value.contiguous(),
-        spatial_shapes.contiguous(),
-        level_start_index.contiguous(),
-        sampling_locations.contiguous(),
-        attention_weights.contiguous(),
-    )
-    if _NATIVE_IMPORT_ERROR is not None:
-        return ms_deform_attn_reference(*args)
-    check_kernel_image(value.device)  # one clear error when the build has no image for this GPU
-    return torch.ops.dino_detr.ms_deform_attn(*args)
+    inputs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    for name, t in zip(_INPUT_NAMES, inputs):  # the schema would say so too, but as a RuntimeError
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(t).__name__}")
+    args = tuple(t.contiguous() for t in inputs)
+    if _NATIVE_IMPORT_ERROR is None:
+        check_kernel_image(value.device)  # one clear error when the build has no image for this GPU
+        return torch.ops.dino_detr.ms_deform_attn(*args)  # checks its inputs (C++, or the fake kernel)
+    _check_metadata(*args)
+    if not torch.compiler.is_compiling():
+        _check_level_layout(*args[:3])  # the reference reads the layout anyway
+    return ms_deform_attn_reference(*args)
 
 
 if _NATIVE_IMPORT_ERROR is None:
 
     @torch.library.register_fake("dino_detr::ms_deform_attn")
     def _ms_deform_attn_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        _check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         n, _, m, d = value.shape
         return value.new_empty((n, sampling_locations.shape[1], m * d))
 

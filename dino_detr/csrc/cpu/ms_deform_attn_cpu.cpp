@@ -38,17 +38,18 @@ std::vector<Level> read_levels(const at::Tensor& spatial_shapes, const at::Tenso
   int64_t next_start = 0;
   for (size_t l = 0; l < levels.size(); ++l) {
     levels[l] = {shapes[2 * l], shapes[2 * l + 1], starts[l]};
-    TORCH_CHECK(levels[l].height > 0 && levels[l].width > 0, "ms_deform_attn: level ", l,
-                " has non-positive shape (", levels[l].height, ", ", levels[l].width, ")");
-    TORCH_CHECK(levels[l].start == next_start, "ms_deform_attn: level_start_index[", l, "] is ",
-                levels[l].start, ", expected ", next_start);
+    TORCH_CHECK_VALUE(levels[l].height > 0 && levels[l].width > 0,
+                      "ms_deform_attn: spatial_shapes must be positive (H, W), got (", levels[l].height, ", ",
+                      levels[l].width, ") at level ", l);
+    TORCH_CHECK_VALUE(levels[l].start == next_start, "ms_deform_attn: level_start_index[", l, "] is ",
+                      levels[l].start, ", inconsistent with spatial_shapes (expected ", next_start, ")");
     int64_t size = 0;
-    TORCH_CHECK(!__builtin_mul_overflow(levels[l].height, levels[l].width, &size) &&
-                    !__builtin_add_overflow(next_start, size, &next_start),
-                "ms_deform_attn: spatial_shapes sum to more than 2**63 positions but value has S=", spatial);
+    TORCH_CHECK_VALUE(!__builtin_mul_overflow(levels[l].height, levels[l].width, &size) &&
+                          !__builtin_add_overflow(next_start, size, &next_start),
+                      "ms_deform_attn: spatial_shapes sum to more than 2**63 positions but value has S=", spatial);
   }
-  TORCH_CHECK(next_start == spatial, "ms_deform_attn: spatial_shapes sum to ", next_start,
-              " positions but value has S=", spatial);
+  TORCH_CHECK_VALUE(next_start == spatial, "ms_deform_attn: spatial_shapes sum to ", next_start,
+                    " positions but value has S=", spatial);
   return levels;
 }
 
@@ -218,8 +219,8 @@ void dispatch_channels(int64_t channels, const Fn& fn) {
 }
 
 void check_cpu(const at::Tensor& value) {
-  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
-              "ms_deform_attn: the CPU kernel supports float32 and float64, got ", value.scalar_type());
+  TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble, "ms_deform_attn: ",
+                   dtype_name(value.scalar_type()), " is supported on CUDA only; use float32 or float64 on the CPU");
 }
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
