@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference, native_extension_available
+
 from msda_inputs import make_inputs, naive_ms_deform_attn, random_case
 
 REQUIRE_EXT = os.environ.get("DINO_DETR_REQUIRE_EXT") == "1"
-needs_ext = pytest.mark.skipif(
-    not native_extension_available() and not REQUIRE_EXT, reason="dino_detr._C is not built"
-)
+needs_ext = pytest.mark.skipif(not native_extension_available() and not REQUIRE_EXT, reason="dino_detr._C is not built")
 
 
 def with_grad(inputs):
@@ -89,7 +88,8 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(
         ms_deform_attn(value_nc, shapes_nc, starts_nc, loc_nc, weights_nc),
         ms_deform_attn(value, shapes, starts, loc, weights),
-        rtol=0, atol=0,
+        rtol=0,
+        atol=0,
     )
 
 
@@ -115,7 +115,10 @@ def _bad_inputs():
     yield "level_start_index.* inconsistent", (value, shapes, torch.tensor([0, 11]), loc, weights)
     yield "positive", (value, torch.tensor([[4, 4], [0, 2]]), torch.tensor([0, 16]), loc, weights)
     yield "level count mismatch", (value, shapes[:1], starts[:1], loc, weights)
-    yield "level count mismatch: spatial_shapes has 2, level_start_index has 1", (value, shapes, starts[:1], loc, weights)
+    yield (
+        "level count mismatch: spatial_shapes has 2, level_start_index has 1",
+        (value, shapes, starts[:1], loc, weights),
+    )
     yield "head count mismatch", (value[:, :, :1], shapes, starts, loc, weights)
     yield "point count mismatch", (value, shapes, starts, loc, weights[..., :1])
     yield "query count mismatch", (value, shapes, starts, loc, weights[:, :4])
@@ -143,8 +146,11 @@ def test_bad_inputs_raise(match, inputs):
 
 
 @needs_ext
-@pytest.mark.parametrize("match,inputs", [case for case in _bad_inputs() if case[0] != "torch.Tensor"],
-                         ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "match,inputs",
+    [case for case in _bad_inputs() if case[0] != "torch.Tensor"],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
 def test_native_op_and_fake_kernel_raise(match, inputs):
     """The C++ op itself raises each error (no Python check runs before it); its fake kernel, which
     runs at trace time instead of the C++ checks, raises the same error type for all but the level
@@ -225,8 +231,10 @@ def test_reference_matches_definition(seed):
     inputs = make_inputs(2, shapes, 2, 3, 4, 3, seed=seed)
     value, spatial_shapes, _, loc, weights = inputs
     torch.testing.assert_close(
-        ms_deform_attn_reference(*inputs), naive_ms_deform_attn(value, spatial_shapes, loc, weights),
-        rtol=1e-10, atol=1e-10,
+        ms_deform_attn_reference(*inputs),
+        naive_ms_deform_attn(value, spatial_shapes, loc, weights),
+        rtol=1e-10,
+        atol=1e-10,
     )
 
 
@@ -276,8 +284,9 @@ def test_half_value_with_float32_locations_reference_and_fake(dtype):
     value, shapes, starts, loc, weights = make_inputs(2, [[5, 7], [2, 3]], 2, 4, 6, 2, dtype=torch.float32, seed=4)
     out = ms_deform_attn_reference(value.to(dtype), shapes, starts, loc, weights)
     assert out.dtype == dtype
-    torch.testing.assert_close(out, ms_deform_attn_reference(value.to(dtype).float(), shapes, starts, loc, weights)
-                               .to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(
+        out, ms_deform_attn_reference(value.to(dtype).float(), shapes, starts, loc, weights).to(dtype), rtol=0, atol=0
+    )
     if not native_extension_available():
         pytest.skip("dino_detr._C is not built (no fake kernel)")
     meta = [t.to("meta") for t in (value.to(dtype), shapes, starts, loc, weights)]
@@ -302,8 +311,7 @@ def test_mixed_dtypes_accepted_only_for_half_value():
 def test_module_keeps_locations_float32_under_autocast(monkeypatch):
     """Under bf16 autocast MSDeformAttn samples at float32 locations: the reference points are not
     rounded to half precision (only the learned offsets, which come out of a half Linear, are)."""
-    from dino_detr.layers import MSDeformAttn
-    from dino_detr.layers import ms_deform_attn_module
+    from dino_detr.layers import MSDeformAttn, ms_deform_attn_module
 
     torch.manual_seed(0)
     module = MSDeformAttn(embed_dim=32, num_heads=2, num_levels=2, num_points=2)
@@ -313,7 +321,9 @@ def test_module_keeps_locations_float32_under_autocast(monkeypatch):
     value = torch.randn(1, 100 * 152 + 50 * 76, 32)
     refs = torch.rand(1, 7, 2, 2)
     seen = []
-    monkeypatch.setattr(ms_deform_attn_module, "ms_deform_attn", lambda *args: seen.append(args) or ms_deform_attn(*args))
+    monkeypatch.setattr(
+        ms_deform_attn_module, "ms_deform_attn", lambda *args: seen.append(args) or ms_deform_attn(*args)
+    )
     module(query, refs, value, shapes, starts)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         module(query, refs, value, shapes, starts)

@@ -73,8 +73,9 @@ inline MSDASizes check_ms_deform_attn_inputs(
                       " has ", m.b);
   }
   for (const Input& in : inputs) {
-    TORCH_CHECK_VALUE(in.tensor.device() == value.device(), "ms_deform_attn: all inputs must be on one device; value is on ",
-                      value.device(), ", ", in.name, " is on ", in.tensor.device());
+    TORCH_CHECK_VALUE(in.tensor.device() == value.device(),
+                      "ms_deform_attn: all inputs must be on one device; value is on ", value.device(), ", ", in.name,
+                      " is on ", in.tensor.device());
   }
   for (const Input* in : {&inputs[0], &inputs[3], &inputs[4]}) {
     const at::ScalarType type = in->tensor.scalar_type();

@@ -68,13 +68,10 @@ def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations
     for name, (rank, layout) in expected_ranks.items():
         if tensors[name].dim() != rank:
             raise ValueError(
-                f"ms_deform_attn: {name} must have rank {rank} {layout}, "
-                f"got shape {list(tensors[name].shape)}"
+                f"ms_deform_attn: {name} must have rank {rank} {layout}, got shape {list(tensors[name].shape)}"
             )
     if spatial_shapes.shape[1] != 2:
-        raise ValueError(
-            f"ms_deform_attn: spatial_shapes must be (L, 2) of (H, W), got {list(spatial_shapes.shape)}"
-        )
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be (L, 2) of (H, W), got {list(spatial_shapes.shape)}")
     if sampling_locations.shape[-1] != 2:
         raise ValueError(
             "ms_deform_attn: sampling_locations must end in 2 normalized (x, y) coordinates, "
@@ -90,10 +87,20 @@ def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations
         ("level count", "spatial_shapes", num_levels, "level_start_index", level_start_index.shape[0]),
         ("level count", "spatial_shapes", num_levels, "sampling_locations", sampling_locations.shape[3]),
         ("level count", "spatial_shapes", num_levels, "attention_weights", attention_weights.shape[3]),
-        ("query count", "sampling_locations", sampling_locations.shape[1],
-         "attention_weights", attention_weights.shape[1]),
-        ("point count", "sampling_locations", sampling_locations.shape[4],
-         "attention_weights", attention_weights.shape[4]),
+        (
+            "query count",
+            "sampling_locations",
+            sampling_locations.shape[1],
+            "attention_weights",
+            attention_weights.shape[1],
+        ),
+        (
+            "point count",
+            "sampling_locations",
+            sampling_locations.shape[4],
+            "attention_weights",
+            attention_weights.shape[4],
+        ),
     ]
     for what, name_a, a, name_b, b in checks:
         if a != b:
@@ -101,14 +108,11 @@ def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations
     for name, t in tensors.items():
         if t.device != value.device:
             raise ValueError(
-                f"ms_deform_attn: all inputs must be on one device; value is on {value.device}, "
-                f"{name} is on {t.device}"
+                f"ms_deform_attn: all inputs must be on one device; value is on {value.device}, {name} is on {t.device}"
             )
     for name in ("value", "sampling_locations", "attention_weights"):
         if tensors[name].dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"ms_deform_attn: {name} must be a floating-point tensor, got {tensors[name].dtype}"
-            )
+            raise TypeError(f"ms_deform_attn: {name} must be a floating-point tensor, got {tensors[name].dtype}")
     half_value = value.dtype in (torch.float16, torch.bfloat16)
     for name in ("sampling_locations", "attention_weights"):
         dtype = tensors[name].dtype
@@ -126,9 +130,7 @@ def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations
         if tensors[name].dtype != torch.int64:
             raise TypeError(f"ms_deform_attn: {name} must be int64, got {tensors[name].dtype}")
     if value.device.type == "cpu" and value.dtype in (torch.float16, torch.bfloat16):
-        raise TypeError(
-            f"ms_deform_attn: {value.dtype} is supported on CUDA only; use float32 or float64 on the CPU"
-        )
+        raise TypeError(f"ms_deform_attn: {value.dtype} is supported on CUDA only; use float32 or float64 on the CPU")
 
 
 def _check_level_layout(value, spatial_shapes, level_start_index):
