@@ -40,15 +40,13 @@ except ImportError as e:  # the extension is not built: fall back to the referen
         stacklevel=2,
     )
 
+_INPUT_NAMES = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def native_extension_available() -> bool:
     """True when ``dino_detr._C`` is built and ``torch.ops.dino_detr.ms_deform_attn`` is the native op."""
     return _NATIVE_IMPORT_ERROR is None
-
-
-_INPUT_NAMES = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
 
 
 def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -134,7 +132,8 @@ def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations
 
 
 def _check_level_layout(value, spatial_shapes, level_start_index):
-    """Checks that the levels tile ``value``'s S axis in order (host tensors only: no device sync).
+    """Checks that the levels tile ``value``'s S axis in order, for the reference fallback (the
+    native kernels check the layout themselves: the CPU kernel on the host, the CUDA kernels on the device).
 
     Sizes are Python integers, so a layout whose ``H * W`` wraps around int64 cannot pass.
     """
@@ -176,6 +175,10 @@ def ms_deform_attn(
 
     Returns:
         (N, Lq, M * D) with ``value``'s dtype.
+
+    Raises:
+        ValueError: for a bad shape, device or level layout (naming the tensor and what was expected).
+        TypeError: for a bad dtype or an argument that is not a tensor.
     """
     inputs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     for name, t in zip(_INPUT_NAMES, inputs):  # the schema would say so too, but as a RuntimeError
