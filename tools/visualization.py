@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, List, Tuple, Union
 
 import cv2
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.video_visualizer import VideoVisualizer
