@@ -121,6 +121,10 @@ def _add_model_config(cfg):
     # without the full (tokens, DIM_FEEDFORWARD) activation (165 MB per image at 800x1216).
     # 0 = no slicing. Training and GPU inference never slice.
     d.ENCODER_CPU_CHUNK_SIZE = 2048
+    # Inference through torch.compile with this backend ("inductor"; "" = eager): the network
+    # from the padded images to the predictions is one graph, dynamic in the batch and image
+    # sizes (no recompilation per size). The first call compiles (about a minute on a CPU).
+    d.COMPILE = ""
     # Backbone "build_timm_backbone": any timm CNN with features_only=True; set
     # MODEL.DINO.IN_FEATURES to the matching ["timm_feat{i}"] names.
     cfg.MODEL.TIMM = CN()

@@ -1,5 +1,6 @@
 """DINO as a Detectron2 meta-architecture (``MODEL.META_ARCHITECTURE: "DinoDetr"``)."""
 
+import functools
 from typing import Dict, List, Optional
 
 import torch
@@ -80,6 +81,7 @@ class DinoDetr(nn.Module):
         enc_loss: bool,
         pixel_mean: List[float],
         pixel_std: List[float],
+        compile_backend: str = "",
     ):
         """
         Args:
@@ -92,6 +94,8 @@ class DinoDetr(nn.Module):
             criterion: the DINO losses; num_select: detections kept per image.
             dn_*: contrastive denoising settings (``dn_number`` 0 disables it).
             pixel_mean / pixel_std: input normalization, in the channel order of the input.
+            compile_backend: when set, inference runs :meth:`predict_padded` through
+                ``torch.compile(backend=compile_backend, dynamic=True)``; training stays eager.
         """
         super().__init__()
         self.backbone = backbone
@@ -112,6 +116,7 @@ class DinoDetr(nn.Module):
         self.enc_loss = enc_loss
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.compile_backend = compile_backend
 
     @classmethod
     def from_config(cls, cfg):
@@ -169,6 +174,7 @@ class DinoDetr(nn.Module):
             "enc_loss": d.ENC_LOSS,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "compile_backend": d.COMPILE,
         }
 
     @property
@@ -229,7 +235,10 @@ class DinoDetr(nn.Module):
         )
 
     def predict(self, images: ImageList, dn: Optional[DenoisingQueries] = None) -> Dict[str, object]:
-        """Runs the network on a batch (see :meth:`predict_padded`)."""
+        """Runs the network on a batch (see :meth:`predict_padded`), compiled in inference when
+        ``MODEL.DINO.COMPILE`` names a backend."""
+        if self.compile_backend and not self.training and dn is None:
+            return _compiled_predict(self.compile_backend)(self, images.tensor, self.padding_mask(images))
         return self.predict_padded(images.tensor, self.padding_mask(images), dn)
 
     def predict_padded(self, images: torch.Tensor, mask: torch.Tensor,
@@ -295,3 +304,10 @@ class DinoDetr(nn.Module):
             out_w = batched_inputs[i].get("width", w)
             results.append({"instances": detector_postprocess(inst, out_h, out_w)})
         return results
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_predict(backend: str):
+    """``DinoDetr.predict_padded`` compiled once per backend (the model is an argument, so copies
+    of a model, e.g. its EMA, never call the original)."""
+    return torch.compile(DinoDetr.predict_padded, backend=backend, dynamic=True)
