@@ -14,8 +14,9 @@ from .exporter import (
     save_program,
 )
 from .module import DetectorForExport
+from .runtimes import BACKENDS, build_runtime
 
 __all__ = [
-    "DetectorForExport", "ExportError", "MAX_BATCH", "SIZE_MULTIPLE", "SIZE_RANGE", "check_image_size",
+    "BACKENDS", "build_runtime", "DetectorForExport", "ExportError", "MAX_BATCH", "SIZE_MULTIPLE", "SIZE_RANGE", "check_image_size",
     "compile_aoti", "example_inputs", "export_detector", "export_onnx", "op_library_path", "save_program",
 ]
