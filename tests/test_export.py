@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,11 +27,12 @@ EXAMPLE_SIZE = (352, 384)
 # Sizes the tests run, none equal to the example: (batch, H, W).
 SIZES = [(2, 384, 320), (1, 320, 416)]
 TOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = get_dino_cfg("configs/dino_demo.yaml", ["MODEL.DEVICE", "cpu"])
+    cfg = get_dino_cfg(REPO / "configs" / "dino_demo.yaml", ["MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     # Random init scores every query almost alike; spread the class logits so the ranking is clear.
@@ -217,3 +219,20 @@ def test_onnx_uses_grid_sample_and_matches_eager_in_onnx_runtime(onnx_file, case
     assert code == 0, out
     for outputs, (_, expected) in zip(load_outputs(tmp_path, cases), cases):
         assert_same_detections(outputs, expected)
+
+
+def test_export_tool_writes_a_loadable_program_with_config_overrides(tmp_path):
+    """tools/export_model.py with a trailing KEY VALUE override (NUM_SELECT) and an example size."""
+    output = tmp_path / "tool.pt2"
+    subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), "--config-file",
+                    str(REPO / "configs" / "dino_demo.yaml"), "--format", "torch-export", "--output", str(output),
+                    "--size", "320", "352", "MODEL.DINO.NUM_SELECT", "7"], check=True, cwd=tmp_path)
+    images, sizes = example_inputs(384, 320, 1)
+    with torch.no_grad():
+        boxes, scores, classes = torch.export.load(str(output)).module()(images, sizes)
+    assert boxes.shape == (1, 7, 4) and scores.shape == (1, 7) and classes.shape == (1, 7)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), "--config-file",
+                          str(REPO / "configs" / "dino_demo.yaml"), "--format", "onnx", "--output",
+                          str(tmp_path / "x.onnx"), "--size", "300", "352"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "height 300 is outside the exported sizes" in bad.stderr

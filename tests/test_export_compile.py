@@ -2,6 +2,8 @@
 the predictions is one graph (no break in the backbone, encoder or decoder), compiled once for
 all image sizes, and gives the eager detections."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -24,7 +26,8 @@ def graph_counter(graph_module, example_inputs):
 
 
 def build(compile_backend=""):
-    cfg = get_dino_cfg("configs/dino_demo.yaml", ["MODEL.DEVICE", "cpu", "MODEL.DINO.COMPILE", compile_backend])
+    cfg = get_dino_cfg(Path(__file__).resolve().parents[1] / "configs" / "dino_demo.yaml",
+                       ["MODEL.DEVICE", "cpu", "MODEL.DINO.COMPILE", compile_backend])
     torch.manual_seed(0)
     return build_model(cfg).eval()
 
