@@ -59,10 +59,14 @@ def cases(model):
 
 
 def assert_same_detections(outputs, expected):
+    """Scores equal within TOL rank by rank, and each detection is an eager one (same class, box
+    within TOL) of that score: detections whose scores tie (equal queries) may come in any order."""
     boxes, scores, classes = (torch.as_tensor(np.asarray(o)) for o in outputs)
     torch.testing.assert_close(scores, expected[1], rtol=0, atol=TOL)
-    torch.testing.assert_close(boxes, expected[0], rtol=0, atol=TOL)
-    assert torch.equal(classes, expected[2])
+    for i, j in np.ndindex(*scores.shape):
+        ties = (expected[1][i] - scores[i, j]).abs() <= TOL
+        box_error = (expected[0][i][ties & (expected[2][i] == classes[i, j])] - boxes[i, j]).abs().amax(-1)
+        assert box_error.numel() and box_error.min() <= TOL, (i, j, box_error)
 
 
 def run_fresh(tmp_path, script, *args, env=None):

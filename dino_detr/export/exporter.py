@@ -110,9 +110,13 @@ def save_program(program: ExportedProgram, path: str) -> str:
 def compile_aoti(program: ExportedProgram, path: str, optimize: bool = True) -> str:
     """AOTInductor package (``.pt2``) of ``program`` for this machine's CPU. A process runs it with
     ``torch._inductor.aoti_load_package(path)`` after ``torch.ops.load_library(op_library_path())``;
-    with ``AOTI_RUNTIME_CHECK_INPUTS=1`` it also checks the input sizes against the exported range.
+    with ``AOTI_RUNTIME_CHECK_INPUTS=1`` it also checks the input sizes against the upper ends of the
+    exported ranges.
     ``optimize=False`` compiles the C++ with ``-O0`` (several times faster to build, slower to run)."""
-    configs = {} if optimize else {"aot_inductor.debug_compile": True}
+    # check_lowerbound off: the runtime check would otherwise reject batch size 1 (it wants >= 2).
+    configs = {"aot_inductor.check_lowerbound": False}
+    if not optimize:
+        configs["aot_inductor.debug_compile"] = True
     return torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
 
 
