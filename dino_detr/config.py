@@ -67,6 +67,10 @@ def check_dino_config(cfg):
         raise ValueError(f"MODEL.DINO.DN_LABEL_NOISE_RATIO must be in [0, 1], got {d.DN_LABEL_NOISE_RATIO}")
     if d.DN_BOX_NOISE_SCALE < 0 or d.DN_NUMBER < 0:
         raise ValueError("MODEL.DINO.DN_BOX_NOISE_SCALE and MODEL.DINO.DN_NUMBER must be >= 0")
+    if d.COMPILE and d.COMPILE not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(
+            f"MODEL.DINO.COMPILE={d.COMPILE!r} is not a torch.compile backend (e.g. 'inductor'; '' = eager)"
+        )
     if d.POSITION_EMBEDDING not in ("sine", "learned"):
         raise ValueError(f"MODEL.DINO.POSITION_EMBEDDING must be 'sine' or 'learned', got {d.POSITION_EMBEDDING!r}")
 

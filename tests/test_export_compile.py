@@ -56,3 +56,8 @@ def test_compiled_inference_is_eager_inference_for_every_size_with_one_compilati
         torch.testing.assert_close(got.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=0, atol=1e-4)
         assert torch.equal(got.pred_classes, expected.pred_classes)
     assert len(GRAPHS) == 1
+
+
+def test_unknown_compile_backend_names_the_key():
+    with pytest.raises(ValueError, match=r"MODEL\.DINO\.COMPILE='inductr' is not a torch.compile backend"):
+        build("inductr")
