@@ -32,6 +32,11 @@ def image_padding_mask(image_sizes: torch.Tensor, height: int, width: int) -> to
     return rows | cols
 
 
+def _sizes_tensor(image_sizes, device) -> torch.Tensor:
+    """(N, 2) int64 of an ImageList's ``image_sizes`` (ints, or 0-dim tensors under ``torch.jit.trace``)."""
+    return torch.stack([torch.stack([torch.as_tensor(s, dtype=torch.long) for s in hw]) for hw in image_sizes]).to(device)
+
+
 def top_detections(logits: torch.Tensor, boxes: torch.Tensor, image_sizes: torch.Tensor, num_select: int):
     """Top ``num_select`` (query, class) pairs of each image by sigmoid score.
 
@@ -189,8 +194,8 @@ class DinoDetr(nn.Module):
     @staticmethod
     def padding_mask(images: ImageList) -> torch.Tensor:
         """(N, H, W) bool, True at the padded pixels of the batch."""
-        sizes = torch.as_tensor(images.image_sizes, dtype=torch.long, device=images.tensor.device)
-        return image_padding_mask(sizes.view(-1, 2), *images.tensor.shape[-2:])
+        sizes = _sizes_tensor(images.image_sizes, images.tensor.device)
+        return image_padding_mask(sizes, *images.tensor.shape[-2:])
 
     def prepare_targets(self, gt_instances: List[Instances]) -> List[Dict[str, torch.Tensor]]:
         """Per image ``labels`` (M,) and ``boxes`` (M, 4) cxcywh normalized by the image size."""
@@ -292,7 +297,7 @@ class DinoDetr(nn.Module):
     def inference(self, outputs, image_sizes, batched_inputs) -> List[Dict[str, Instances]]:
         """Top ``num_select`` (query, class) pairs by sigmoid score, boxes in the output size."""
         last = outputs["layers"][-1]
-        sizes = torch.as_tensor(image_sizes, dtype=torch.long, device=last["pred_boxes"].device).view(-1, 2)
+        sizes = _sizes_tensor(image_sizes, last["pred_boxes"].device)
         boxes, scores, classes = top_detections(last["pred_logits"], last["pred_boxes"], sizes, self.num_select)
         results = []
         for i, (h, w) in enumerate(image_sizes):
