@@ -3,7 +3,11 @@
 Defaults are the official DINO-4scale R50 12-epoch settings (IDEA-Research/DINO,
 ``config/DINO/DINO_4scale.py``) expressed in Detectron2's vocabulary.
 """
+import logging
+import os
+
 import torch
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -15,21 +19,51 @@ def add_dino_config(cfg):
     ``merge_from_file`` / ``merge_from_list`` with the key named; contradictory values fail
     in :func:`check_dino_config` when the model is built.
     """
-    # Detectron2 defaults to "cuda"; DINO defaults to whatever this machine has.
-    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     _add_model_config(cfg)
     _add_solver_config(cfg)
     _add_input_config(cfg)
+    _add_dataset_config(cfg)
 
 
 def get_dino_cfg(config_file, opts=()):
     """Detectron2's default config with the DINO keys, then ``config_file`` and the
-    ``KEY VALUE`` overrides ``opts`` merged in (not frozen)."""
+    ``KEY VALUE`` overrides ``opts`` merged in (not frozen).
+
+    An empty or non-mapping config file, and a command-line option (``--resume``) caught
+    among the overrides (argparse's ``REMAINDER`` takes everything after the first KEY),
+    raise ``ValueError`` saying so.
+    """
+    _check_config_file(str(config_file))
+    flags = [o for o in opts if isinstance(o, str) and o.startswith("--")]
+    if flags:
+        raise ValueError(
+            f"'{flags[0]}' is among the KEY VALUE config overrides {list(opts)}: everything after the first KEY is "
+            f"read as overrides, so put command-line options such as {flags[0]} before them"
+        )
     cfg = get_cfg()
     add_dino_config(cfg)
     cfg.merge_from_file(str(config_file))
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def resolve_device(device: str) -> str:
+    """``device`` (a ``MODEL.DEVICE`` value), or ``"cpu"`` when it names CUDA and this machine has
+    no usable GPU (with a warning): lets the tools run Detectron2's default ``"cuda"`` anywhere."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger(__name__).warning("MODEL.DEVICE=%s but CUDA is not available: running on the CPU", device)
+        return "cpu"
+    return device
+
+
+def _check_config_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        content = yaml.safe_load(f)
+    if not isinstance(content, dict):
+        what = "is empty" if content is None else f"holds a {type(content).__name__}, not a mapping of config keys"
+        raise ValueError(f"config file {path} {what}")
 
 
 def check_dino_config(cfg):
@@ -59,6 +93,8 @@ def check_dino_config(cfg):
         raise ValueError(
             f"MODEL.DINO.NUM_SELECT={d.NUM_SELECT} exceeds NUM_QUERIES * NUM_CLASSES = {d.NUM_QUERIES * d.NUM_CLASSES}"
         )
+    if d.COST_CLASS == 0 and d.COST_BBOX == 0 and d.COST_GIOU == 0:
+        raise ValueError("MODEL.DINO.COST_CLASS, COST_BBOX and COST_GIOU are all 0: the matcher has no cost")
     if d.DN_LABELBOOK_SIZE and d.DN_LABELBOOK_SIZE < d.NUM_CLASSES:
         raise ValueError(
             f"MODEL.DINO.DN_LABELBOOK_SIZE={d.DN_LABELBOOK_SIZE} is smaller than MODEL.DINO.NUM_CLASSES={d.NUM_CLASSES}"
@@ -99,7 +135,10 @@ def _add_model_config(cfg):
     d.PE_TEMPERATURE_W = 20
     # Added to the pixel index of the sine embedding: 0 (official DINO), -0.5 (detrex).
     d.PE_OFFSET = 0.0
-    # Contrastive denoising
+    # Contrastive denoising. DN_NUMBER is the query budget: max(DN_NUMBER // M, 1) groups, M the
+    # largest box count of an image in the batch (as detrex). The official DINO does the same only
+    # for DN_NUMBER >= 50; below it uses 2 * DN_NUMBER groups whatever M is, so configs with small
+    # DN_NUMBER give fewer groups here than there.
     d.DN_NUMBER = 100
     d.DN_LABEL_NOISE_RATIO = 0.5
     d.DN_BOX_NOISE_SCALE = 0.4  # official DINO config; the paper and detrex use 1.0
@@ -135,6 +174,20 @@ def _add_model_config(cfg):
     cfg.MODEL.TIMM.NAME = "resnet50"
     cfg.MODEL.TIMM.OUT_INDICES = [2, 3, 4]
     cfg.MODEL.TIMM.PRETRAINED = False
+    # Backbone "build_swin_backbone" (dino_detr/modeling/swin.py); defaults: Swin-T. Features
+    # "swin{i}" = stage i (stride 4 * 2**i); MODEL.BACKBONE.FREEZE_AT 1 freezes the patch
+    # embedding, k >= 2 also stages 0..k-2.
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.2  # stochastic depth of the last block (linear from 0)
+    cfg.MODEL.SWIN.OUT_FEATURES = ["swin1", "swin2", "swin3"]
+    # Recompute each block's activations in the backward pass (less training memory, ~30% slower).
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False
 
 
 def _add_solver_config(cfg):
@@ -142,6 +195,9 @@ def _add_solver_config(cfg):
     s.OPTIMIZER = "ADAMW"
     s.BACKBONE_MULTIPLIER = 0.1
     s.AMP.ENABLED = False
+    # Autocast dtype of AMP training: "float16" (with a grad scaler) or "bfloat16" (float32's
+    # range, no scaler; Ampere and newer GPUs, and CPUs).
+    s.AMP.PRECISION = "float16"
     cfg.MODEL_EMA = CN()
     cfg.MODEL_EMA.ENABLED = False
     cfg.MODEL_EMA.DECAY = 0.9997
@@ -154,3 +210,10 @@ def _add_input_config(cfg):
     cfg.INPUT.DETR_CROP.ENABLED = True
     cfg.INPUT.DETR_CROP.RESIZE = [400, 500, 600]
     cfg.INPUT.DETR_CROP.SIZE = [384, 600]
+
+
+def _add_dataset_config(cfg):
+    # COCO-format datasets to register by name before training / evaluation / the demo:
+    # [[name, annotation JSON, image folder], ...] (tools: --dataset NAME=JSON:FOLDER). Each is
+    # checked once (images and annotations) before use; see dino_detr/data/coco.py.
+    cfg.DATASETS.COCO = []

@@ -299,16 +299,17 @@ class _Opaque:
     """Not an allowed global of the safe unpickler."""
 
 
-def test_loading_is_weights_only_by_default(tmp_path):
+def test_loading_is_weights_only_by_default(tmp_path, monkeypatch):
     weights = {"label_enc.weight": torch.ones(2, 2)}
     ok = tmp_path / "official_style.pth"
     torch.save({"model": weights, "args": argparse.Namespace(lr=1e-4), "epoch": 11}, ok)
     assert torch.equal(load_source_state_dict(str(ok))["label_enc.weight"], weights["label_enc.weight"])
     unsafe = tmp_path / "pickle.pth"
     torch.save({"model": weights, "extra": _Opaque()}, unsafe)
-    with pytest.raises(RuntimeError, match="--allow-pickle"):
+    with pytest.raises(RuntimeError, match="DINO_DETR_TRUSTED_WEIGHTS=.*pickle.pth"):
         load_source_state_dict(str(unsafe))
-    assert "label_enc.weight" in load_source_state_dict(str(unsafe), allow_pickle=True)
+    monkeypatch.setenv("DINO_DETR_TRUSTED_WEIGHTS", str(unsafe))
+    assert "label_enc.weight" in load_source_state_dict(str(unsafe))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_source_state_dict(str(tmp_path / "missing.pth"))
     bad = tmp_path / "bad.pth"

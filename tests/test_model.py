@@ -89,6 +89,8 @@ def test_parameter_count_matches_official():
         (["MODEL.DINO.IN_FEATURES", ["res3", "res6"]], "MODEL.DINO.IN_FEATURES"),
         (["MODEL.DINO.NUM_SELECT", 10**6], "MODEL.DINO.NUM_SELECT"),
         (["MODEL.DINO.ENCODER_CPU_CHUNK_SIZE", -1], "MODEL.DINO.ENCODER_CPU_CHUNK_SIZE"),
+        (["MODEL.DINO.COST_CLASS", 0.0, "MODEL.DINO.COST_BBOX", 0.0, "MODEL.DINO.COST_GIOU", 0.0],
+         "MODEL.DINO.COST_CLASS"),
     ],
 )
 def test_bad_config_names_the_key(opts, key):

@@ -251,14 +251,21 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
-def main():
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", help="a YAML path, or zoo:<path> for a Detectron2 model-zoo config")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA)")
     parser.add_argument("--train", action="store_true", help="also time training iterations")
     parser.add_argument("--train-batch", type=int, default=2)
@@ -272,7 +279,7 @@ def main():
     parser.add_argument("--markdown", help="write the Markdown table here")
     parser.add_argument("--plot", help="with --summarize: write an AP-vs-latency PNG here")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.summarize:
         results = []

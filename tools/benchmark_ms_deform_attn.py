@@ -1,27 +1,41 @@
 #!/usr/bin/env python
 """Benchmark of multi-scale deformable attention: the native op against the pure-PyTorch
-``grid_sample`` reference, at DINO's shapes.
+``grid_sample`` reference, at DINO's shapes, and against the memory-bandwidth floor.
 
-Cases: the encoder (every token of an 800x1216 image's 4-scale maps queries them all) and
-the decoder (1100 queries = 900 matching + 200 denoising), M=8 heads, D=32, P=4, batch 1
-and 2, forward and forward+backward. Each measurement runs in a fresh process so that its
-peak memory (CPU: growth of the resident size over the inputs; CUDA: max_memory_allocated)
-is its own.
+Cases: the encoder (every token of an H x W image's 4-scale maps, strides 8 to 64, queries
+them all; default 800x1216) and the decoder (1100 queries = 900 matching + 200 denoising),
+M=8 heads, D=32, P=4, forward and forward+backward. Each measurement runs in a fresh process
+so that its peak memory (CPU: growth of the resident size over the inputs; CUDA:
+max_memory_allocated) is its own; times are medians (CUDA events on the GPU). The floor is
+the bytes the op must read and write once (the value rows its samples touch, every other
+input and output whole) over the measured device copy bandwidth (dino_detr/analysis/bandwidth.py).
 
-    python tools/benchmark_ms_deform_attn.py [--device cpu|cuda] [--threads 2] [--json out.json] [--markdown out.md]
+    python tools/benchmark_ms_deform_attn.py [--device cpu|cuda] [--dtype float16] [--size 800 1333]
+        [--cases encoder decoder] [--batches 1 2] [--threads 2] [--json out.json] [--markdown out.md]
 """
+
 import argparse
 import json
+import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
-LEVELS = [(100, 152), (50, 76), (25, 38), (13, 19)]  # 800x1216 at strides 8, 16, 32, 64
-CASES = {"encoder": sum(h * w for h, w in LEVELS), "decoder": 1100}
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+STRIDES = (8, 16, 32, 64)
+DECODER_QUERIES = 1100  # 900 matching + 200 denoising queries
 HEADS, CHANNELS, POINTS = 8, 32, 4
+
+
+def feature_levels(height: int, width: int) -> list:
+    """(H_l, W_l) of an image's 4-scale maps: ceil(size / stride) (800x1333 -> (100, 167) ... (13, 21))."""
+    return [(math.ceil(height / s), math.ceil(width / s)) for s in STRIDES]
+
+
+def num_queries(case: str, levels: list) -> int:
+    return sum(h * w for h, w in levels) if case == "encoder" else DECODER_QUERIES
 
 
 def machine_name(device: str) -> str:
@@ -38,7 +52,7 @@ def machine_name(device: str) -> str:
     return f"{model}, {os.cpu_count()} cores visible"
 
 
-def reference_points(case: str, batch: int, generator):
+def reference_points(case: str, batch: int, levels: list, generator):
     """(N, Lq, 4) normalized (cx, cy, w, h) around which each query samples, as in DINO:
     encoder tokens sample around their own pixel centre (a few pixels of every level), decoder
     queries inside their box."""
@@ -46,158 +60,207 @@ def reference_points(case: str, batch: int, generator):
 
     if case == "encoder":
         centres = []
-        for h, w in LEVELS:
+        for h, w in levels:
             y, x = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
             centres.append(torch.stack([x.flatten(), y.flatten()], -1))
         centres = torch.cat(centres).expand(batch, -1, -1)
-        size = torch.full_like(centres, 4.0 / LEVELS[0][1])  # about 4 pixels of the finest level
+        size = torch.full_like(centres, 4.0 / levels[0][1])  # about 4 pixels of the finest level
         return torch.cat([centres, size], -1)
-    centres = 0.1 + 0.8 * torch.rand(batch, CASES[case], 2, generator=generator)
-    size = 0.05 + 0.45 * torch.rand(batch, CASES[case], 2, generator=generator)
+    centres = 0.1 + 0.8 * torch.rand(batch, DECODER_QUERIES, 2, generator=generator)
+    size = 0.05 + 0.45 * torch.rand(batch, DECODER_QUERIES, 2, generator=generator)
     return torch.cat([centres, size], -1)
 
 
-def make_inputs(case: str, batch: int, device: str, dtype):
+def make_inputs(case: str, batch: int, levels: list, device: str, dtype):
     """(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    shapes = torch.tensor(LEVELS, dtype=torch.int64)
+    shapes = torch.tensor(levels, dtype=torch.int64)
     sizes = shapes.prod(1)
     starts = torch.cumsum(sizes, 0) - sizes
-    queries = CASES[case]
+    queries = num_queries(case, levels)
     value = torch.randn(batch, int(sizes.sum()), HEADS, CHANNELS, generator=g)
-    boxes = reference_points(case, batch, g)[:, :, None, None, None, :]
-    offsets = torch.rand(batch, queries, HEADS, len(LEVELS), POINTS, 2, generator=g) * 2 - 1
+    boxes = reference_points(case, batch, levels, g)[:, :, None, None, None, :]
+    offsets = torch.rand(batch, queries, HEADS, len(levels), POINTS, 2, generator=g) * 2 - 1
     loc = boxes[..., :2] + offsets * 0.5 * boxes[..., 2:]
-    weights = torch.rand(batch, queries, HEADS, len(LEVELS), POINTS, generator=g)
+    weights = torch.rand(batch, queries, HEADS, len(levels), POINTS, generator=g)
     weights = weights / weights.sum((-1, -2), keepdim=True)
-    return [t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in
-            (value, shapes, starts, loc, weights)]
+    return [
+        t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        for t in (value, shapes, starts, loc, weights)
+    ]
 
 
-def run_case(impl: str, case: str, batch: int, backward: bool, device: str, dtype_name: str, repeats: int,
-             threads: int) -> dict:
-    """One measurement in this process: median seconds and peak memory in MiB."""
+def run_case(
+    impl: str,
+    case: str,
+    batch: int,
+    backward: bool,
+    levels: list,
+    device: str,
+    dtype_name: str,
+    repeats: int,
+    threads: int,
+) -> dict:
+    """One measurement in this process: median seconds, peak memory in MiB, and the bytes the
+    op must move (forward, or forward + backward)."""
     import torch
 
+    from dino_detr.analysis.bandwidth import median_seconds, ms_deform_attn_bytes, value_rows_read
     from dino_detr.analysis.measure import reset_peak_memory, rss_kib
     from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference
 
     torch.set_num_threads(threads)
-    dtype = getattr(torch, dtype_name)
+    dev = torch.device(device)
     fn = {"native": ms_deform_attn, "reference": ms_deform_attn_reference}[impl]
-    inputs = make_inputs(case, batch, device, dtype)
+    inputs = make_inputs(case, batch, levels, device, getattr(torch, dtype_name))
+    value, shapes, starts, loc, weights = inputs
+    queries = num_queries(case, levels)
     if backward:
         for i in (0, 3, 4):
             inputs[i].requires_grad_()
-        grad_out = torch.randn(batch, CASES[case], HEADS * CHANNELS, device=device, dtype=dtype)
+        grad_out = torch.randn(batch, queries, HEADS * CHANNELS, device=device, dtype=value.dtype)
 
     def step():
         out = fn(*inputs)
         if backward:
             torch.autograd.grad(out, (inputs[0], inputs[3], inputs[4]), grad_out)
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    sync()
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        reset_peak_memory(torch.device("cpu"))
+        reset_peak_memory(dev)
         base = rss_kib("VmRSS")
     step()  # warm-up (its peak memory is the one reported)
-    sync()
     if device == "cuda":
+        torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak = (rss_kib("VmHWM") - base) / 1024
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"impl": impl, "case": case, "batch": batch, "backward": backward, "seconds": statistics.median(times),
-            "peak_mib": peak}
-
-
-def bandwidth_floor(case: str, batch: int, dtype_bytes: int) -> float:
-    """Seconds the forward must take at least on this GPU: the bytes it must move (read
-    values, locations, weights; write the output) over the measured device copy bandwidth."""
-    import torch
-
-    s = CASES["encoder"]
-    q = CASES[case]
-    elements = batch * (s * HEADS * CHANNELS + q * HEADS * len(LEVELS) * POINTS * 3 + q * HEADS * CHANNELS)
-    x = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    bandwidth = 2 * x.numel() * 10 / (time.perf_counter() - start)  # read + write
-    return elements * dtype_bytes / bandwidth
+    forward_bytes, backward_bytes = ms_deform_attn_bytes(
+        batch,
+        value.shape[1],
+        queries,
+        HEADS,
+        CHANNELS,
+        len(levels),
+        POINTS,
+        value.element_size(),
+        loc.element_size(),
+        weights.element_size(),
+        value_rows_read(shapes, starts, loc),
+    )
+    return {
+        "impl": impl,
+        "case": case,
+        "batch": batch,
+        "backward": backward,
+        "seconds": median_seconds(step, dev, repeats, warmup=0),
+        "peak_mib": peak,
+        "bytes": forward_bytes + (backward_bytes if backward else 0),
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=[800, 1216],
+        metavar=("H", "W"),
+        help="image size whose feature maps the op reads (default 800 1216)",
+    )
+    parser.add_argument("--cases", nargs="+", default=["encoder", "decoder"], choices=["encoder", "decoder"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--copy-mib", type=int, default=1024, help="buffer of the copy-bandwidth measurement (MiB)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", help="write the Markdown table here")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one measurement, JSON on stdout
     args = parser.parse_args()
+    levels = feature_levels(*args.size)
 
     if args.case:
         impl, case, batch, backward = args.case.split(":")
-        print(json.dumps(run_case(impl, case, int(batch), backward == "1", args.device, args.dtype, args.repeats,
-                                  args.threads)))
+        print(
+            json.dumps(
+                run_case(
+                    impl, case, int(batch), backward == "1", levels, args.device, args.dtype, args.repeats, args.threads
+                )
+            )
+        )
         return
 
+    import torch
+
+    from dino_detr.analysis.bandwidth import copy_bandwidth
+
+    torch.set_num_threads(args.threads)
+    bandwidth = copy_bandwidth(torch.device(args.device), args.copy_mib * 2**20)
     rows = []
-    for case in CASES:
+    for case in args.cases:
         for batch in args.batches:
             for backward in (False, True):
                 result = {}
                 for impl in ("native", "reference"):
-                    cmd = [sys.executable, __file__, "--case", f"{impl}:{case}:{batch}:{int(backward)}",
-                           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-                           "--repeats", str(args.repeats)]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--case",
+                        f"{impl}:{case}:{batch}:{int(backward)}",
+                        "--device",
+                        args.device,
+                        "--dtype",
+                        args.dtype,
+                        "--threads",
+                        str(args.threads),
+                        "--repeats",
+                        str(args.repeats),
+                        "--size",
+                        *map(str, args.size),
+                    ]
                     # Large blocks mmapped and unmapped on free: the resident size then follows the
                     # tensors alive, and the reset peak measures what this op allocates.
                     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
                     result[impl] = json.loads(out.strip().splitlines()[-1])
+                native, reference = result["native"], result["reference"]
                 row = {
-                    "case": case, "queries": CASES[case], "batch": batch,
+                    "case": case,
+                    "queries": num_queries(case, levels),
+                    "batch": batch,
                     "pass": "forward+backward" if backward else "forward",
-                    "native_ms": 1e3 * result["native"]["seconds"], "reference_ms": 1e3 * result["reference"]["seconds"],
-                    "native_peak_mib": result["native"]["peak_mib"],
-                    "reference_peak_mib": result["reference"]["peak_mib"],
+                    "native_ms": 1e3 * native["seconds"],
+                    "reference_ms": 1e3 * reference["seconds"],
+                    "native_peak_mib": native["peak_mib"],
+                    "reference_peak_mib": reference["peak_mib"],
+                    "bytes": native["bytes"],
+                    "bandwidth_floor_ms": 1e3 * native["bytes"] / bandwidth,
                 }
                 row["speedup"] = row["reference_ms"] / row["native_ms"]
-                if args.device == "cuda" and not backward:
-                    import torch
-
-                    floor = bandwidth_floor(case, batch, torch.tensor([], dtype=getattr(torch, args.dtype)).element_size())
-                    row["bandwidth_floor_ms"] = 1e3 * floor
+                row["native_over_floor"] = row["native_ms"] / row["bandwidth_floor_ms"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
 
-    import torch
-
-    header = {"machine": machine_name(args.device), "device": args.device, "dtype": args.dtype,
-              "threads": args.threads, "torch": torch.__version__, "repeats": args.repeats,
-              "command": "python " + " ".join(sys.argv)}
+    header = {
+        "machine": machine_name(args.device),
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "size": args.size,
+        "levels": levels,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "command": "python " + " ".join(sys.argv),
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": header, "rows": rows}, f, indent=1)
@@ -209,23 +272,23 @@ def main():
 
 
 def markdown(header: dict, rows: list) -> str:
-    floor = any("bandwidth_floor_ms" in r for r in rows)
     lines = [
         f"MSDA benchmark on {header['machine']} ({header['device']}, {header['dtype']}, "
-        f"{header['threads']} threads, torch {header['torch']}, median of {header['repeats']}).",
+        f"{header['threads']} threads, torch {header['torch']}, median of {header['repeats']}; "
+        f"image {header['size'][0]}x{header['size'][1]}, levels {header['levels']}; "
+        f"device copy bandwidth {header['copy_bandwidth_gb_s']:.1f} GB/s).",
         f"Command: `{header['command']}`",
         "",
-        "| case (queries) | batch | pass | native ms | reference ms | speed-up | native peak MiB | reference peak MiB |"
-        + (" bandwidth floor ms |" if floor else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if floor else ""),
+        "| case (queries) | batch | pass | native ms | reference ms | speed-up | native peak MiB | "
+        "reference peak MiB | bandwidth floor ms | native / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        line = (f"| {r['case']} ({r['queries']}) | {r['batch']} | {r['pass']} | {r['native_ms']:.1f} | "
-                f"{r['reference_ms']:.1f} | **{r['speedup']:.1f}x** | {r['native_peak_mib']:.0f} | "
-                f"{r['reference_peak_mib']:.0f} |")
-        if floor:
-            line += f" {r['bandwidth_floor_ms']:.3f} |" if "bandwidth_floor_ms" in r else " |"
-        lines.append(line)
+        lines.append(
+            f"| {r['case']} ({r['queries']}) | {r['batch']} | {r['pass']} | {r['native_ms']:.3f} | "
+            f"{r['reference_ms']:.3f} | **{r['speedup']:.1f}x** | {r['native_peak_mib']:.0f} | "
+            f"{r['reference_peak_mib']:.0f} | {r['bandwidth_floor_ms']:.3f} | {r['native_over_floor']:.1f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 

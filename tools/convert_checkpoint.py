@@ -3,11 +3,15 @@
 
     python tools/convert_checkpoint.py --source official checkpoint0011_4scale.pth dino_r50_4scale_12ep.pth
     python tools/convert_checkpoint.py --source detrex dino_r50_4scale_12ep_49_2AP.pth dino_detrex_r50_4scale.pth
+    python tools/convert_checkpoint.py --source swin-imagenet swin_large_patch4_window12_384_22k.pth swinl_22k.pth
 
 The classifier rows are remapped to Detectron2's 80 contiguous COCO classes (``--classes coco80``,
 what ``coco_2017_val`` evaluation needs) or kept as stored (``--classes source``: 91 COCO ids for
-official checkpoints). The converted weights are loaded strictly into the model built from the
+official checkpoints). ``swin-imagenet`` converts an ImageNet Swin classifier into backbone-only
+weights to train DINO from (``MODEL.WEIGHTS`` of a Swin config). The converted weights are loaded strictly into the model built from the
 matching config (unless ``--no-verify``), and the config file and options to use are printed.
+The input is read with ``torch.load(weights_only=True)``; a trusted older file that needs more is
+allowed by naming it in ``DINO_DETR_TRUSTED_WEIGHTS`` (see the README).
 """
 import argparse
 import os
@@ -49,10 +53,11 @@ def changed_opts(conversion, config_file: str):
 
 
 def verify(conversion, config_file: str, opts) -> None:
-    """Builds the model of ``config_file`` + ``opts`` and checks names and shapes one by one."""
+    """Builds the model of ``config_file`` + ``opts`` and checks names and shapes one by one
+    (backbone-only weights: everything but the detector and the per-stage Swin norms)."""
     from detectron2.modeling import build_model
 
-    check_against_model(conversion.state_dict, build_model(build_cfg(config_file, opts)))
+    check_against_model(conversion.state_dict, build_model(build_cfg(config_file, opts)), conversion.backbone_only)
 
 
 def main(argv=None):
@@ -65,11 +70,9 @@ def main(argv=None):
     parser.add_argument("--config-file", default=None,
                         help="config to verify against (default: the repository config matching the weights)")
     parser.add_argument("--no-verify", action="store_true", help="skip the strict load into a freshly built model")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="load with torch.load(weights_only=False): only for trusted files the safe loader rejects")
     args = parser.parse_args(argv)
 
-    conversion = convert_state_dict(load_source_state_dict(args.input, args.allow_pickle), args.source, args.classes)
+    conversion = convert_state_dict(load_source_state_dict(args.input), args.source, args.classes)
     config_file = args.config_file or os.path.join(REPO, conversion.base_config)
     opts = changed_opts(conversion, config_file)
     if not args.no_verify:
@@ -80,10 +83,10 @@ def main(argv=None):
           f"{'' if args.no_verify else ', strict load into the model verified'}")
     for note in conversion.notes:
         print(f"  - {note}")
-    print("evaluate with:")
+    print("train from it with:" if conversion.backbone_only else "evaluate with:")
     shown = os.path.relpath(config_file, REPO)
     shown = config_file if shown.startswith("..") else shown
-    print(f"  python tools/train_net.py --config-file {shown} --eval-only "
+    print(f"  python tools/train_net.py --config-file {shown}{'' if conversion.backbone_only else ' --eval-only'} "
           f"MODEL.WEIGHTS {args.output} {' '.join(opts)}".rstrip())
 
 

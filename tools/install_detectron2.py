@@ -2,26 +2,27 @@
 """Make Detectron2 importable in this Python environment, without compiling it.
 
 If ``import detectron2`` already works (e.g. installed from its git repository, the upstream
-way), nothing is done. Otherwise the PyPI sdist ``pb1-detectron2==0.6`` (Detectron2 v0.6's Python
-sources exactly, without its C++ sources) is downloaded, checked against its pinned SHA-256, and
-its ``detectron2/`` package copied into site-packages together with a placeholder
+way), nothing is done. Otherwise pip downloads the sdist ``pb1-detectron2==0.6`` (Detectron2 v0.6's
+Python sources exactly, without its C++ sources) from your configured index (``pip config``,
+``PIP_INDEX_URL``, proxies and mirrors apply), the archive is checked against its pinned SHA-256,
+and its ``detectron2/`` package copied into site-packages together with a placeholder
 ``detectron2._C`` that raises a clear error if one of Detectron2's own C++ ops is ever called.
 DINO needs none of them.
 """
+
 import argparse
 import hashlib
 import importlib.util
-import io
 import os
+import shutil
+import subprocess
 import sys
 import sysconfig
 import tarfile
-import urllib.request
+import tempfile
 
-SDIST_URL = (
-    "https://files.pythonhosted.org/packages/60/26/"
-    "48f5bbb7ee492696a21da23303daeecdfe3942c498a70d34108acf63b2bd/pb1-detectron2-0.6.tar.gz"
-)
+SDIST_REQUIREMENT = "pb1-detectron2==0.6"
+SDIST_FILE = "pb1-detectron2-0.6.tar.gz"
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 PACKAGE_PREFIX = "pb1-detectron2-0.6/detectron2/"
 
@@ -63,38 +64,80 @@ def __getattr__(name):
 '''
 
 
-def _download(url, cache_dir):
-    path = os.path.join(cache_dir, os.path.basename(url))
+def pip_download_command(dest: str) -> list:
+    """The pip command that puts the sdist into ``dest``. Without build isolation, because pip
+    reads the sdist's metadata by running its setup.py, which imports torch."""
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-binary",
+        ":all:",
+        SDIST_REQUIREMENT,
+        "-d",
+        dest,
+    ]
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_sdist(cache_dir: str) -> str:
+    """Path of the verified sdist in ``cache_dir``, downloaded with pip when it is not there."""
+    path = os.path.join(cache_dir, SDIST_FILE)
     if not os.path.isfile(path):
         os.makedirs(cache_dir, exist_ok=True)
-        print(f"Downloading {url}")
-        with urllib.request.urlopen(url, timeout=120) as r:
-            data = r.read()
-        tmp = path + ".part"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    with open(path, "rb") as f:
-        data = f.read()
-    digest = hashlib.sha256(data).hexdigest()
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            command = pip_download_command(tmp)
+            print("Running", " ".join(command), flush=True)
+            if subprocess.run(command).returncode != 0:
+                sys.exit(
+                    f"error: pip could not download {SDIST_REQUIREMENT} (see its output above; torch and "
+                    "setuptools must be installed first, and your pip index must serve PyPI's sdists)"
+                )
+            downloaded = os.path.join(tmp, SDIST_FILE)
+            if not os.path.isfile(downloaded):
+                sys.exit(f"error: pip reported success but wrote no {SDIST_FILE} (got {sorted(os.listdir(tmp))})")
+            os.replace(downloaded, path)
+    digest = sha256_of(path)
     if digest != SDIST_SHA256:
         os.remove(path)
         sys.exit(f"error: {path} has SHA-256 {digest}, expected {SDIST_SHA256}; removed, run again")
-    return data
+    return path
 
 
-def install(cache_dir, site_packages):
-    data = _download(SDIST_URL, cache_dir)
-    target = os.path.join(site_packages, "detectron2")
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(PACKAGE_PREFIX) and m.isfile()]
-        if not members:
-            sys.exit(f"error: {SDIST_URL} holds no {PACKAGE_PREFIX}")
-        for m in members:
-            dest = os.path.join(target, m.name[len(PACKAGE_PREFIX):])
+def extract_package(sdist: str, target: str) -> int:
+    """Copies the sdist's ``detectron2/`` files into ``target``; returns how many."""
+    root = os.path.realpath(target)
+    count = 0
+    with tarfile.open(sdist, mode="r:gz") as tar:
+        for m in tar.getmembers():
+            if not (m.isfile() and m.name.startswith(PACKAGE_PREFIX)):
+                continue
+            dest = os.path.realpath(os.path.join(root, m.name[len(PACKAGE_PREFIX) :]))
+            if not dest.startswith(root + os.sep):
+                sys.exit(f"error: {sdist} member {m.name} points outside the package")
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            with open(dest, "wb") as f:
-                f.write(tar.extractfile(m).read())
+            with tar.extractfile(m) as src, open(dest, "wb") as f:
+                shutil.copyfileobj(src, f)
+            count += 1
+    if count == 0:
+        sys.exit(f"error: {sdist} holds no {PACKAGE_PREFIX}")
+    return count
+
+
+def install(cache_dir: str, site_packages: str) -> None:
+    sdist = fetch_sdist(cache_dir)
+    target = os.path.join(site_packages, "detectron2")
+    extract_package(sdist, target)
     write_placeholder(target)
     print(f"Installed Detectron2 v0.6 (Python sources, no C++ ops) into {target}")
 
@@ -117,11 +160,11 @@ def refresh_placeholder(package_dir) -> bool:
     return True
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/dino_detr"))
     parser.add_argument("--force", action="store_true", help="reinstall even if importable")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if importlib.util.find_spec("detectron2") is not None and not args.force:
         import detectron2
 

@@ -5,7 +5,7 @@ printed) and write visualized validation predictions as PNGs.
 
     python tools/run_demo.py [--output-dir output/dino_demo] [--num-vis 12] [KEY VALUE ...]
 
-Uses the GPU when there is one (MODEL.DEVICE is set at runtime by add_dino_config).
+Uses the GPU when there is one (MODEL.DEVICE "cuda" falls back to the CPU without one).
 """
 import argparse
 import json
@@ -16,13 +16,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import dino_detr.data  # noqa: E402,F401  (registers dino_demo_train / dino_demo_val)
-from dino_detr import get_dino_cfg  # noqa: E402
+from dino_detr import get_dino_cfg, resolve_device  # noqa: E402
 from dino_detr.data import ensure_demo_dataset  # noqa: E402
-from dino_detr.engine import DinoTrainer, list_images, visualize_predictions  # noqa: E402
+from dino_detr.engine import DinoPredictor, DinoTrainer, list_images, visualize_predictions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +38,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = get_dino_cfg(args.config_file, args.opts)
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
@@ -62,7 +62,7 @@ def main(argv=None):
     vis_cfg.freeze()
     val_images = list_images([MetadataCatalog.get(cfg.DATASETS.TEST[0]).image_root])[: args.num_vis]
     vis_dir = os.path.join(cfg.OUTPUT_DIR, "visualizations")
-    written = visualize_predictions(DefaultPredictor(vis_cfg), val_images, vis_dir)
+    written = visualize_predictions(DinoPredictor(vis_cfg), val_images, vis_dir)
 
     summary = {"bbox": bbox, "train_and_eval_seconds": round(train_seconds, 1), "device": cfg.MODEL.DEVICE,
                "max_iter": cfg.SOLVER.MAX_ITER, "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH}

@@ -5,25 +5,37 @@
     python tools/train_net.py --config-file configs/dino_r50_4scale.yaml --num-gpus 8
     python tools/train_net.py --config-file configs/dino_r50_4scale.yaml --resume
     python tools/train_net.py --config-file configs/dino_r50_4scale.yaml --eval-only MODEL.WEIGHTS model.pth
+    python tools/train_net.py --config-file configs/dino_r50_4scale.yaml --dataset mine_train=train.json:images/ \
+        DATASETS.TRAIN "('mine_train',)" MODEL.DINO.NUM_CLASSES 3           # a COCO-format dataset
 """
-import os
-import sys
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dino_detr.data  # noqa: F401  (registers the demo datasets)
+from dino_detr import get_dino_cfg, resolve_device
+from dino_detr.data import parse_dataset_option, register_config_datasets
+from dino_detr.engine import DinoTrainer, FiniteCheckpointer, ModelEMA, lock_output_dir
 
-from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
-from detectron2.evaluation import verify_results  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
 
-import dino_detr.data  # noqa: E402,F401  (registers the demo datasets)
-from dino_detr import get_dino_cfg  # noqa: E402
-from dino_detr.engine import DinoTrainer, FiniteCheckpointer, ModelEMA  # noqa: E402
+def argument_parser():
+    """Detectron2's ``default_argument_parser`` with ``--dataset NAME=JSON:FOLDER`` (repeatable),
+    added to ``DATASETS.COCO``."""
+    parser = default_argument_parser()
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=JSON:FOLDER",
+                        help="register a COCO-format dataset: annotation JSON and image folder")
+    return parser
 
 
 def setup(args):
     cfg = get_dino_cfg(args.config_file, args.opts)
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
+    cfg.DATASETS.COCO = list(cfg.DATASETS.COCO) + [parse_dataset_option(d) for d in args.dataset]
     cfg.freeze()
+    if not args.eval_only:
+        lock_output_dir(cfg.OUTPUT_DIR)  # one training per folder; before default_setup writes config.yaml
     default_setup(cfg, args)
+    register_config_datasets(cfg)
     return cfg
 
 
@@ -31,7 +43,7 @@ def evaluate_checkpoint(cfg, resume: bool):
     """Loads MODEL.WEIGHTS (or the last checkpoint with ``resume``) and evaluates it; with
     MODEL_EMA.ENABLED the checkpoint's EMA weights are evaluated."""
     model = DinoTrainer.build_model(cfg)
-    checkpointer = FiniteCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer = FiniteCheckpointer(model, save_dir=cfg.OUTPUT_DIR, reinit_class_tensors=False)
     ema = ModelEMA(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
     if ema is not None:
         checkpointer.add_checkpointable("model_ema", ema)
@@ -54,7 +66,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(
         main,

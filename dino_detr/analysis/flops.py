@@ -18,6 +18,19 @@ def ms_deform_attn_flop_jit(inputs, outputs):
     return n * lq * m * levels * points * d * 5
 
 
+def sdpa_flop_jit(inputs, outputs):
+    """fvcore handle of ``scaled_dot_product_attention``: the two matrix products, q k^T and
+    attn v, for every batch / head: prod(batch dims) * L * S * (E + Ev) multiply-adds.
+
+    inputs: query (..., L, E), key (..., S, E), value (..., S, Ev), ...
+    """
+    q, v = get_shape(inputs[0]), get_shape(inputs[2])
+    batch = 1
+    for dim in q[:-2]:
+        batch *= dim
+    return batch * q[-2] * v[-2] * (q[-1] + v[-1])
+
+
 class _ImageToTensors(nn.Module):
     """Adapts a Detectron2 model to ``image (C, H, W) -> tuple of tensors`` so that it can be traced.
 
@@ -45,5 +58,6 @@ def count_flops(model, image):
     """
     analysis = FlopCountAnalysis(_ImageToTensors(model).eval(), (image,))
     analysis.set_op_handle(MSDA_OP_NAME, ms_deform_attn_flop_jit)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return analysis.total(), dict(analysis.by_operator()), dict(analysis.unsupported_ops())

@@ -1,10 +1,19 @@
-"""Conversion of published DINO checkpoints (official IDEA-Research/DINO and detrex) into this
-project's Detectron2 model; see ``tools/convert_checkpoint.py``."""
+"""Checkpoints: loading weight files without running code from them (``SafeCheckpointer``,
+used by the trainer, the tools and, once ``dino_detr`` is imported, Detectron2's
+``DefaultPredictor`` / ``DefaultTrainer``), the fit rule, fine-tuning to another number of
+classes, crash-safe writing, and conversion of official / detrex checkpoints."""
+from .checkpointer import SafeCheckpointer, use_safe_checkpointer
 from .coco_classes import coco_category_ids, rows_91_to_80
 from .convert import CLASS_LAYOUTS, SOURCES, Conversion, check_against_model, convert_state_dict
-from .io import load_source_state_dict, save_detectron2_checkpoint
+from .finetune import drop_mismatched_class_tensors, mismatched_class_tensors
+from .fit import CLASS_DEPENDENT_KEY_PATTERNS, check_checkpoint_fits, is_class_dependent
+from .io import atomic_open, load_source_state_dict, save_detectron2_checkpoint
+from .safe_load import TRUSTED_WEIGHTS_ENV, UnreadableCheckpointError, UnsafeCheckpointError
 
 __all__ = [
-    "CLASS_LAYOUTS", "SOURCES", "Conversion", "check_against_model", "coco_category_ids",
-    "convert_state_dict", "load_source_state_dict", "rows_91_to_80", "save_detectron2_checkpoint",
+    "CLASS_DEPENDENT_KEY_PATTERNS", "CLASS_LAYOUTS", "SOURCES", "TRUSTED_WEIGHTS_ENV", "Conversion",
+    "SafeCheckpointer", "UnreadableCheckpointError", "UnsafeCheckpointError", "atomic_open",
+    "check_against_model", "check_checkpoint_fits", "coco_category_ids", "convert_state_dict",
+    "drop_mismatched_class_tensors", "is_class_dependent", "load_source_state_dict", "mismatched_class_tensors",
+    "rows_91_to_80", "save_detectron2_checkpoint", "use_safe_checkpointer",
 ]

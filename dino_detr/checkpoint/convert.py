@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 from .coco_classes import COCO_NUM_IDS, rows_91_to_80
-from .rename import detrex_rules, official_rules, rename
+from .rename import detrex_rules, layer_count as _layer_count, official_rules, rename
+from .swin import check_swin_buffer, convert_swin_classifier, infer_swin_config, is_swin_buffer
 
 __all__ = ["SOURCES", "CLASS_LAYOUTS", "Conversion", "convert_state_dict", "check_against_model"]
 
-SOURCES = ("official", "detrex")
+#: ``swin-imagenet``: an ImageNet Swin classifier (microsoft/Swin-Transformer) -> backbone only.
+SOURCES = ("official", "detrex", "swin-imagenet")
 #: ``coco80``: Detectron2's contiguous COCO classes (what ``coco_2017_val`` evaluation needs);
 #: ``source``: the classifier rows as stored (official: 91 COCO category ids).
 CLASS_LAYOUTS = ("coco80", "source")
@@ -39,33 +41,27 @@ class Conversion:
         config: config keys (``"MODEL.DINO.NUM_CLASSES"`` ...) the converted model needs.
         base_config: the repository config file to start from.
         notes: what the conversion did beyond renaming (remaps, added rows, checked aliases).
+        backbone_only: only ``backbone.*`` tensors (ImageNet weights to train from).
     """
 
     state_dict: Dict[str, torch.Tensor]
     config: Dict[str, object]
     base_config: str
     notes: List[str] = field(default_factory=list)
+    backbone_only: bool = False
 
     def opts(self) -> List[str]:
         """``config`` as a Detectron2 ``cfg.merge_from_list`` list."""
         return [x for k, v in self.config.items() for x in (k, str(v).replace(" ", ""))]
 
 
-def _layer_count(names, prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    idx = {int(m.group(1)) for m in map(pattern.match, names) if m}
-    if idx != set(range(len(idx))):
-        raise KeyError(f"layers {sorted(idx)} under {prefix!r} are not numbered 0..{len(idx) - 1}")
-    return len(idx)
-
-
 # A tensor name only one of the sources has, to catch a wrong ``source`` early.
-_TELLTALE = {"official": "backbone.0.body.", "detrex": "neck."}
+_TELLTALE = {"official": ("backbone.0.body.", "backbone.0.patch_embed."), "detrex": ("neck.",)}
 
 
 def _check_source(source: str, names) -> None:
-    for other, prefix in _TELLTALE.items():
-        hit = next((k for k in names if k.startswith(prefix)), None)
+    for other, prefixes in _TELLTALE.items():
+        hit = next((k for k in names if k.startswith(prefixes)), None)
         if other != source and hit is not None:
             raise ValueError(f"{hit!r} is a tensor of a {other} checkpoint, not a {source} one: use source {other!r}")
 
@@ -150,24 +146,16 @@ def _heads_shared(out: Dict[str, torch.Tensor], prefix: str, num_layers: int) ->
 def _infer_config(out: Dict[str, torch.Tensor], source: str, num_classes: int):
     """Config keys and base config file that match the converted tensors."""
     levels = _layer_count(out, "input_proj.")
-    in_feats = []
-    for level in range(levels):
-        conv = out[f"input_proj.{level}.0.weight"]
-        if conv.shape[-1] == 1:
-            if conv.shape[1] not in _BACKBONE_LEVEL:
-                raise ValueError(f"input_proj.{level}.0.weight: {conv.shape[1]} input channels match no ResNet stage")
-            in_feats.append(_BACKBONE_LEVEL[conv.shape[1]])
-    res4_blocks = _layer_count(out, "backbone.res4.")
-    if res4_blocks not in _RESNET_DEPTH:
-        raise ValueError(f"backbone.res4 has {res4_blocks} blocks: not a ResNet-50/101")
-    depth = _RESNET_DEPTH[res4_blocks]
+    in_channels = [out[f"input_proj.{lv}.0.weight"].shape[1] for lv in range(levels)
+                   if out[f"input_proj.{lv}.0.weight"].shape[-1] == 1]
+    if "backbone.patch_embed.proj.weight" in out:
+        config, base = infer_swin_config(out, in_channels, levels)
+    else:
+        config, base = _infer_resnet_config(out, in_channels, levels)
     dec_layers = _layer_count(out, "transformer.decoder.layers.")
     tgt = out["transformer.tgt_embed.weight"]
     labelbook = out["label_enc.weight"].shape[0] - 1
-    config = {
-        "MODEL.RESNETS.DEPTH": depth,
-        "MODEL.RESNETS.OUT_FEATURES": in_feats,
-        "MODEL.DINO.IN_FEATURES": in_feats,
+    config.update({
         "MODEL.DINO.NUM_FEATURE_LEVELS": levels,
         "MODEL.DINO.NUM_CLASSES": num_classes,
         # 0 = NUM_CLASSES (the config's default)
@@ -179,24 +167,38 @@ def _infer_config(out: Dict[str, torch.Tensor], source: str, num_classes: int):
         "MODEL.DINO.DIM_FEEDFORWARD": out["transformer.encoder.layers.0.linear1.weight"].shape[0],
         "MODEL.DINO.DEC_PRED_CLASS_EMBED_SHARE": _heads_shared(out, "class_embed", dec_layers),
         "MODEL.DINO.DEC_PRED_BBOX_EMBED_SHARE": _heads_shared(out, "bbox_embed", dec_layers),
-    }
+    })
     if source == "detrex":
         # detrex's PositionEmbeddingSine(temperature=10000, normalize=True, offset=-0.5)
         config["MODEL.DINO.PE_TEMPERATURE_H"] = 10000
         config["MODEL.DINO.PE_TEMPERATURE_W"] = 10000
         config["MODEL.DINO.PE_OFFSET"] = -0.5
+    return config, base
+
+
+def _infer_resnet_config(out: Dict[str, torch.Tensor], in_channels: List[int], levels: int):
+    for level, channels in enumerate(in_channels):
+        if channels not in _BACKBONE_LEVEL:
+            raise ValueError(f"input_proj.{level}.0.weight: {channels} input channels match no ResNet stage")
+    in_feats = [_BACKBONE_LEVEL[c] for c in in_channels]
+    res4_blocks = _layer_count(out, "backbone.res4.")
+    if res4_blocks not in _RESNET_DEPTH:
+        raise ValueError(f"backbone.res4 has {res4_blocks} blocks: not a ResNet-50/101")
+    depth = _RESNET_DEPTH[res4_blocks]
+    config = {"MODEL.RESNETS.DEPTH": depth, "MODEL.RESNETS.OUT_FEATURES": in_feats, "MODEL.DINO.IN_FEATURES": in_feats}
     name = f"dino_r{depth}_{levels}scale.yaml"
     known = {"dino_r50_4scale.yaml", "dino_r50_5scale.yaml", "dino_r101_4scale.yaml"}
     return config, f"configs/{name if name in known else 'Base-DINO.yaml'}"
 
 
 def convert_state_dict(state_dict: Dict[str, torch.Tensor], source: str, class_layout: str = "coco80") -> Conversion:
-    """Convert the weights of an official (``source="official"``) or detrex DINO checkpoint.
+    """Convert the weights of an official (``source="official"``, ResNet or Swin) or detrex DINO
+    checkpoint, or of an ImageNet Swin classifier (``"swin-imagenet"``: backbone only).
 
     Args:
         state_dict: the source model's tensors (name -> tensor).
         source: one of :data:`SOURCES`.
-        class_layout: one of :data:`CLASS_LAYOUTS`.
+        class_layout: one of :data:`CLASS_LAYOUTS` (DINO checkpoints only).
     Raises:
         KeyError / ValueError naming the tensor: unknown names, broken aliases, inconsistent
         class rows, missing parts, another model's checkpoint.
@@ -205,11 +207,17 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], source: str, class_l
         raise ValueError(f"unknown checkpoint source {source!r}; expected one of {SOURCES}")
     if class_layout not in CLASS_LAYOUTS:
         raise ValueError(f"unknown class layout {class_layout!r}; expected one of {CLASS_LAYOUTS}")
+    if source == "swin-imagenet":
+        return Conversion(*convert_swin_classifier(state_dict), backbone_only=True)
     _check_source(source, state_dict)
     rules = _rules_for(source, state_dict)
     out: Dict[str, torch.Tensor] = {}
-    aliases = 0
+    aliases = buffers = 0
     for key, tensor in state_dict.items():
+        if source == "official" and is_swin_buffer(key):
+            check_swin_buffer(key, tensor)
+            buffers += 1
+            continue
         target = rename(key, rules, source)
         if target is None:
             _check_alias(state_dict, key, source)
@@ -219,6 +227,8 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], source: str, class_l
             raise KeyError(f"{source} checkpoint: {key!r} maps to {target!r}, which another tensor already filled")
         out[target] = tensor.detach().to("cpu").clone()
     notes = [f"{aliases} alias tensors (transformer.decoder.*_embed = the heads) checked equal and not duplicated"]
+    if buffers:
+        notes.append(f"{buffers} Swin relative_position_index buffers checked against the window size, not copied")
     _link_decoder_box_heads(out, source)
     num_classes = _convert_classes(out, source, class_layout, notes)
     config, base = _infer_config(out, source, num_classes)
@@ -228,15 +238,22 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], source: str, class_l
     return Conversion(out, config, base, notes)
 
 
-def check_against_model(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
+#: What backbone-only weights (``swin-imagenet``) leave to the model's initialisation: the detector
+#: and the per-stage output norms of the Swin backbone.
+_NOT_IN_BACKBONE_WEIGHTS = re.compile(r"(?!backbone\.)|backbone\.norm\d+\.")
+
+
+def check_against_model(state_dict: Dict[str, torch.Tensor], model: nn.Module, backbone_only: bool = False) -> None:
     """Raises ``KeyError`` / ``ValueError`` naming the tensors unless ``state_dict`` has exactly
-    the model's names with the model's shapes (what a strict load needs)."""
+    the model's names with the model's shapes (what a strict load needs). ``backbone_only``:
+    the detector and the Swin ``backbone.norm{i}`` may be absent."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+    missing = [k for k in expected if k not in state_dict
+               and not (backbone_only and _NOT_IN_BACKBONE_WEIGHTS.match(k))]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
         raise KeyError(f"converted checkpoint does not match the model: {len(missing)} missing "
                        f"(first: {missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]})")
     for k, v in expected.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape):
             raise ValueError(f"{k}: converted shape {tuple(state_dict[k].shape)} != model shape {tuple(v.shape)}")

@@ -1,41 +1,62 @@
-"""Reading source checkpoints safely and writing Detectron2 checkpoints."""
+"""Reading source checkpoints safely and writing checkpoints crash-safely."""
 
 import argparse
+import contextlib
 import os
-from typing import Dict
+import uuid
+from typing import IO, Dict, Iterator
 
 import torch
 
-__all__ = ["load_source_state_dict", "save_detectron2_checkpoint"]
+from .safe_load import load_torch_weights
+
+__all__ = ["atomic_open", "load_source_state_dict", "save_detectron2_checkpoint"]
 
 # Published checkpoints store their training arguments as an ``argparse.Namespace`` (official
 # DINO) next to the weights; it is plain data, so it is allowed under ``weights_only``.
 _SAFE_GLOBALS = [argparse.Namespace]
 
 
-def load_source_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
-    """The model weights of a checkpoint file.
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
+    """A file object whose content replaces ``path`` only once it is completely written.
+
+    Writes a hidden temporary file in the same folder, flushes and fsyncs it, renames it
+    over ``path`` (atomic on POSIX) and fsyncs the folder. On any error (or a crash) ``path``
+    keeps its previous content and the temporary file is removed (or left hidden).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power loss
+    finally:
+        os.close(fd)
+
+
+def load_source_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The model weights of a checkpoint file, read with ``torch.load(weights_only=True)``
+    unless the file is listed in ``DINO_DETR_TRUSTED_WEIGHTS`` (see ``safe_load``).
 
     Args:
         path: a ``.pth`` file holding a state dict or a dict with the state dict under
             ``"model"`` (official DINO, detrex, Detectron2).
-        allow_pickle: load with ``weights_only=False`` (runs arbitrary pickled code: only for
-            trusted old files that the safe loader rejects).
     Returns:
         name -> tensor, on the CPU.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:  # the safe unpickler names the object it refused
-        if allow_pickle:
-            raise
-        raise RuntimeError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True) ({e}). If you trust this file, "
-            "convert it with --allow-pickle."
-        ) from e
+    obj = load_torch_weights(path, _SAFE_GLOBALS)
     state = obj.get("model", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: no state dict found (expected a dict of tensors, or one under 'model')")
@@ -48,6 +69,6 @@ def load_source_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, t
 
 def save_detectron2_checkpoint(state_dict: Dict[str, torch.Tensor], path: str) -> None:
     """Write ``{"model": state_dict}``, the format ``DetectionCheckpointer`` loads by exact names."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    torch.save({"model": state_dict, "__author__": "dino_detr.checkpoint", "matching_heuristics": False}, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_open(path) as f:
+        torch.save({"model": state_dict, "__author__": "dino_detr.checkpoint", "matching_heuristics": False}, f)

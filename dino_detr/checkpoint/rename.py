@@ -9,7 +9,7 @@ follow the official implementation, so official names mostly map to themselves.
 import re
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["RenameRule", "official_rules", "detrex_rules", "rename"]
+__all__ = ["RenameRule", "SWIN_BODY", "official_rules", "detrex_rules", "layer_count", "rename"]
 
 _PARAM = r"(weight|bias)"
 _NORM = r"(weight|bias|running_mean|running_var)"
@@ -17,8 +17,24 @@ _MSDA = r"(sampling_offsets|attention_weights|value_proj|output_proj)\." + _PARA
 _MHA = r"(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)"
 _MLP = r"layers\.\d+\." + _PARAM
 
+#: Tensors of a Swin body (official DINO ``backbone.0.*``, ImageNet classifiers, this project's
+#: ``backbone.*``: the same names), except the per-output ``norm{i}`` and derived buffers.
+SWIN_BODY = (r"(patch_embed\.(proj|norm)\." + _PARAM
+             + r"|layers\.\d+\.blocks\.\d+\.((norm[12]|attn\.qkv|attn\.proj|mlp\.fc[12])\." + _PARAM
+             + r"|attn\.relative_position_bias_table)"
+             + r"|layers\.\d+\.downsample\.(reduction\.weight|norm\." + _PARAM + "))")
+
 Target = Union[str, Callable[[re.Match], str], None]
 RenameRule = Tuple["re.Pattern[str]", Target]
+
+
+def layer_count(names, prefix: str) -> int:
+    """Number of submodules ``{prefix}{i}.`` among ``names``; they must be numbered 0..n-1."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    idx = {int(m.group(1)) for m in map(pattern.match, names) if m}
+    if idx != set(range(len(idx))):
+        raise KeyError(f"layers {sorted(idx)} under {prefix!r} are not numbered 0..{len(idx) - 1}")
+    return len(idx)
 
 
 def _rules(table: Sequence[Tuple[str, Target]]) -> List[RenameRule]:
@@ -62,13 +78,15 @@ def _torchvision_block(m: re.Match) -> str:
 
 
 def official_rules() -> List[RenameRule]:
-    """IDEA-Research/DINO (torchvision ResNet under ``backbone.0.body``). Targets ``None`` mark
-    aliases (``transformer.decoder.class_embed`` is ``class_embed``): checked, not copied."""
+    """IDEA-Research/DINO (torchvision ResNet under ``backbone.0.body``, or Swin under ``backbone.0``
+    with the names of :mod:`dino_detr.modeling.swin`). Targets ``None`` mark aliases
+    (``transformer.decoder.class_embed`` is ``class_embed``): checked, not copied."""
     return _rules([
         (r"backbone\.0\.body\.conv1\.weight", "backbone.stem.conv1.weight"),
         (r"backbone\.0\.body\.bn1\." + _NORM, r"backbone.stem.conv1.norm.\1"),
         (r"backbone\.0\.body\.layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3]|downsample\.[01])\." + _NORM,
          _torchvision_block),
+        (r"backbone\.0\.(" + SWIN_BODY + r"|norm\d\." + _PARAM + ")", r"backbone.\1"),
         (r"transformer\.decoder\.class_embed\.\d+\." + _PARAM, None),
         *_OURS_BODY,
     ])

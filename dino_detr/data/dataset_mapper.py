@@ -12,6 +12,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
+from .image_io import read_image
+
 __all__ = ["DinoDatasetMapper", "sanitize_annotations", "build_dino_augmentations"]
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,8 @@ class DinoDatasetMapper:
     "height", "width", ...}``.
 
     Robust to the usual dataset problems: a missing image raises ``FileNotFoundError``
-    naming the file; grayscale / RGBA / palette images are converted to ``image_format``;
+    naming the file; grayscale / RGBA / palette / 16-bit images are converted to 8-bit
+    ``image_format``;
     boxes leaving the image are clipped and degenerate ones dropped (warning names the
     file); images without annotations give empty ``Instances``. Boxes cut by the crop are
     clipped and those left empty removed.
@@ -118,7 +121,7 @@ class DinoDatasetMapper:
         file_name = dataset_dict["file_name"]
         if not os.path.isfile(file_name):
             raise FileNotFoundError(f"DinoDatasetMapper: image file not found: {file_name}")
-        image = utils.read_image(file_name, format=self.image_format)
+        image = read_image(file_name, format=self.image_format)
         utils.check_image_size(dataset_dict, image)
         return image
 

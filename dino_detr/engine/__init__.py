@@ -1,22 +1,44 @@
 """Training pieces of the DINO project: optimizer, NaN guard, EMA, reseeding, resumable
-data stream and the ``DinoTrainer`` that combines them."""
+data stream, the ``OUTPUT_DIR`` lock and the ``DinoTrainer`` that combines them."""
+from .amp import AMP_PRECISIONS, MixedPrecisionTrainer, amp_precision
 from .ema import EMAHook, ModelEMA
 from .nan_guard import FiniteCheckpointer, check_finite_grad_norm
 from .optimizer import build_dino_optimizer, dino_param_groups
-from .predict import list_images, visualize_predictions
+from .predict import (
+    DinoPredictor,
+    dataset_metadata,
+    list_images,
+    open_video,
+    output_names,
+    to_bgr_uint8,
+    visualize_predictions,
+    visualize_video,
+)
+from .run_lock import OutputDirInUseError, lock_output_dir
 from .seeding import IterationSeedHook
 from .train_loader import ResumableTrainingSampler, build_dino_train_loader
 from .trainer import DinoTrainer
 
 __all__ = [
+    "AMP_PRECISIONS",
+    "MixedPrecisionTrainer",
+    "amp_precision",
     "EMAHook",
     "ModelEMA",
     "FiniteCheckpointer",
     "check_finite_grad_norm",
     "build_dino_optimizer",
     "dino_param_groups",
+    "DinoPredictor",
+    "dataset_metadata",
     "list_images",
+    "open_video",
+    "output_names",
     "visualize_predictions",
+    "visualize_video",
+    "to_bgr_uint8",
+    "OutputDirInUseError",
+    "lock_output_dir",
     "IterationSeedHook",
     "ResumableTrainingSampler",
     "build_dino_train_loader",

@@ -24,16 +24,16 @@ def dino_param_groups(model: nn.Module, base_lr: float, backbone_multiplier: flo
     return groups
 
 
-def _with_full_model_clipping(optimizer_type: type, max_norm: float, norm_type: float) -> type:
+def _with_full_model_clipping(optimizer_type: type, max_norm: float, norm_type: float, output_dir: str) -> type:
     """Subclass of ``optimizer_type`` whose ``step`` first scales all gradients together so
     their total ``norm_type`` norm is at most ``max_norm`` (``inf``: no clipping), and stops
-    on a non-finite norm before touching the weights."""
+    on a non-finite norm before touching the weights (naming the last checkpoint in ``output_dir``)."""
 
     class FullModelGradientClipping(optimizer_type):
         def step(self, closure=None):
             params = [p for group in self.param_groups for p in group["params"]]
             total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
-            check_finite_grad_norm(total_norm)
+            check_finite_grad_norm(total_norm, output_dir)
             return super().step(closure)
 
     FullModelGradientClipping.__name__ = f"{optimizer_type.__name__}WithFullModelGradientClipping"
@@ -59,7 +59,7 @@ def build_dino_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     clip = s.CLIP_GRADIENTS
     full_model = clip.ENABLED and clip.CLIP_TYPE == "full_model"
     max_norm = clip.CLIP_VALUE if full_model else float("inf")
-    optimizer_type = _with_full_model_clipping(optimizer_type, max_norm, clip.NORM_TYPE)
+    optimizer_type = _with_full_model_clipping(optimizer_type, max_norm, clip.NORM_TYPE, cfg.OUTPUT_DIR)
     optimizer = optimizer_type(groups, lr=s.BASE_LR, **kwargs)
     if clip.ENABLED and not full_model:
         optimizer = maybe_add_gradient_clipping(cfg, optimizer)

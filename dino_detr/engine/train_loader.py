@@ -6,7 +6,7 @@ from detectron2.data import build_detection_train_loader, get_detection_dataset_
 from detectron2.data.samplers import TrainingSampler
 from detectron2.utils import comm
 
-from dino_detr.data import DinoDatasetMapper
+from dino_detr.data import DinoDatasetMapper, check_num_classes
 
 __all__ = ["ResumableTrainingSampler", "build_dino_train_loader"]
 
@@ -27,10 +27,12 @@ def build_dino_train_loader(cfg, start_iter: int = 0):
     """Batches of :class:`DinoDatasetMapper` training inputs from ``DATASETS.TRAIN``, starting
     at iteration ``start_iter`` of the stream. The sampler is seeded with ``SEED`` when it is
     >= 0. The resumed stream is exact without ``DATALOADER.ASPECT_RATIO_GROUPING`` (grouping
-    reorders samples into batches)."""
+    reorders samples into batches). ``MODEL.DINO.NUM_CLASSES`` must equal the number of
+    categories of the training datasets."""
     dataset = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     )
+    check_num_classes(cfg.MODEL.DINO.NUM_CLASSES, cfg.DATASETS.TRAIN)
     per_worker_batch = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
     sampler = ResumableTrainingSampler(
         len(dataset), seed=cfg.SEED if cfg.SEED >= 0 else None, skip=start_iter * per_worker_batch

@@ -6,15 +6,18 @@ import logging
 import os
 import weakref
 
+import torch
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
 
 from dino_detr.data import DinoDatasetMapper
 
+from .amp import MixedPrecisionTrainer, amp_precision
 from .ema import EMAHook, ModelEMA
 from .nan_guard import FiniteCheckpointer
 from .optimizer import build_dino_optimizer
+from .run_lock import lock_output_dir
 from .seeding import IterationSeedHook
 from .train_loader import build_dino_train_loader
 
@@ -35,8 +38,20 @@ class DinoTrainer(DefaultTrainer):
     weights, optional EMA (``MODEL_EMA``, stored as ``model_ema`` in checkpoints and used
     for evaluation), per-iteration reseeding when ``SEED >= 0``, a data stream that
     resumes where the interrupted run stopped, and optimizer (+ AMP scaler) state in
-    checkpoints also with Detectron2 v0.6.
+    checkpoints also with Detectron2 v0.6. One run per ``OUTPUT_DIR`` (a lock file, see
+    :func:`lock_output_dir`). ``SOLVER.AMP`` trains in float16 (with a grad scaler) or
+    bfloat16 (``SOLVER.AMP.PRECISION``) on CUDA and on the CPU.
     """
+
+    def __init__(self, cfg):
+        precision = amp_precision(cfg)  # a bad SOLVER.AMP.PRECISION fails before anything is built or written
+        lock_output_dir(cfg.OUTPUT_DIR)  # before anything is written there
+        super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED:  # in place of Detectron2's AMPTrainer
+            loop = self._trainer
+            self._trainer = MixedPrecisionTrainer(
+                loop.model, loop.data_loader, loop.optimizer, precision, torch.device(cfg.MODEL.DEVICE).type
+            )
 
     def build_hooks(self):
         # Runs at the end of DefaultTrainer.__init__, before the default hooks capture

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 
+from .cuda_arch import check_kernel_image
 from .ms_deform_attn_reference import ms_deform_attn_reference
 
 __all__ = ["ms_deform_attn", "native_extension_available"]
@@ -182,6 +183,7 @@ def ms_deform_attn(
     )
     if _NATIVE_IMPORT_ERROR is not None:
         return ms_deform_attn_reference(*args)
+    check_kernel_image(value.device)  # one clear error when the build has no image for this GPU
     return torch.ops.dino_detr.ms_deform_attn(*args)
 
 

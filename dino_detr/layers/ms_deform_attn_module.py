@@ -108,6 +108,8 @@ class MSDeformAttn(nn.Module):
         # One dtype for the op: under autocast the offsets are half while the reference
         # points stay float32; sample in the wider type.
         dtype = torch.promote_types(value.dtype, torch.promote_types(locations.dtype, weights.dtype))
+        if value.device.type == "cpu":  # CPU autocast gives half types; the CPU kernels are float32/64
+            dtype = torch.promote_types(dtype, torch.float32)
         out = ms_deform_attn(
             value.to(dtype), spatial_shapes, level_start_index, locations.to(dtype), weights.to(dtype)
         )

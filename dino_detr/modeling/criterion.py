@@ -1,13 +1,15 @@
 """The DINO training loss: sigmoid focal classification, L1 and GIoU box losses on the
 matched queries of every decoder layer, the encoder proposals and the denoising queries."""
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.utils import comm
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+from .matcher import GIOU_EPS
 
 __all__ = ["SetCriterion", "average_num_boxes", "layer_suffixes"]
 
@@ -46,16 +48,25 @@ class SetCriterion(nn.Module):
     Args:
         matcher: HungarianMatcher.
         weight_dict: weights of ``loss_class``, ``loss_bbox``, ``loss_giou``.
+        giou_eps: added to the union and the enclosing area in the GIoU loss (see ``GIOU_EPS``).
     """
 
-    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: nn.Module,
+        weight_dict: Dict[str, float],
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        giou_eps: float = GIOU_EPS,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.giou_eps = giou_eps
 
     def loss_labels(self, logits: torch.Tensor, targets, indices: Indices, num_boxes: float) -> torch.Tensor:
         """Sigmoid focal loss over all queries and classes; unmatched queries are "no object"
@@ -73,13 +84,20 @@ class SetCriterion(nn.Module):
         pred = boxes[batch, src]
         gt = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)], dim=0)
         loss_bbox = F.l1_loss(pred, gt, reduction="sum") / num_boxes
-        loss_giou = generalized_box_iou_loss(
-            box_convert(pred, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy"), reduction="sum"
-        ) / num_boxes
+        loss_giou = (
+            generalized_box_iou_loss(
+                box_convert(pred, "cxcywh", "xyxy"),
+                box_convert(gt, "cxcywh", "xyxy"),
+                reduction="sum",
+                eps=self.giou_eps,
+            )
+            / num_boxes
+        )
         return loss_bbox, loss_giou
 
-    def set_loss(self, outputs: Dict[str, torch.Tensor], targets, indices: Indices, num_boxes: float,
-                 suffix: str) -> Dict[str, torch.Tensor]:
+    def set_loss(
+        self, outputs: Dict[str, torch.Tensor], targets, indices: Indices, num_boxes: float, suffix: str
+    ) -> Dict[str, torch.Tensor]:
         """Weighted losses of one prediction set ``{pred_logits, pred_boxes}``."""
         loss_bbox, loss_giou = self.loss_boxes(outputs["pred_boxes"], targets, indices, num_boxes)
         losses = {
@@ -93,9 +111,9 @@ class SetCriterion(nn.Module):
         self,
         decoder_outputs: Sequence[Dict[str, torch.Tensor]],
         targets: List[Dict[str, torch.Tensor]],
-        enc_outputs: Dict[str, torch.Tensor] = None,
-        dn_outputs: Sequence[Dict[str, torch.Tensor]] = None,
-        dn_indices: Indices = None,
+        enc_outputs: Optional[Dict[str, torch.Tensor]] = None,
+        dn_outputs: Optional[Sequence[Dict[str, torch.Tensor]]] = None,
+        dn_indices: Optional[Indices] = None,
         dn_num_groups: int = 1,
     ) -> Dict[str, torch.Tensor]:
         """
