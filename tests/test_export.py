@@ -16,7 +16,13 @@ from torch import nn
 
 from dino_detr import get_dino_cfg
 from dino_detr.export import (
-    DetectorForExport, ExportError, compile_aoti, example_inputs, export_detector, export_onnx, op_library_path,
+    DetectorForExport,
+    ExportError,
+    compile_aoti,
+    example_inputs,
+    export_detector,
+    export_onnx,
+    op_library_path,
     save_program,
 )
 from dino_detr.layers import native_extension_available
@@ -73,8 +79,14 @@ def run_fresh(tmp_path, script, *args, env=None):
     """Runs ``script`` in a new Python process outside the repository; returns (returncode, output)."""
     path = tmp_path / "run.py"
     path.write_text(textwrap.dedent(script))
-    proc = subprocess.run([sys.executable, str(path), *map(str, args)], cwd=tmp_path, capture_output=True, text=True,
-                          env={k: v for k, v in (env or os.environ).items() if k != "PYTHONPATH"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(path), *map(str, args)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in (env or os.environ).items() if k != "PYTHONPATH"},
+        timeout=300,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -209,7 +221,9 @@ def test_onnx_uses_grid_sample_and_matches_eager_in_onnx_runtime(onnx_file, case
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in grid_samples[0].attribute}
     assert attributes == {"mode": b"bilinear", "padding_mode": b"zeros", "align_corners": 0}
     save_cases(tmp_path, cases)
-    code, out = run_fresh(tmp_path, """
+    code, out = run_fresh(
+        tmp_path,
+        """
         import sys
         import numpy as np
         import onnxruntime
@@ -219,7 +233,10 @@ def test_onnx_uses_grid_sample_and_matches_eager_in_onnx_runtime(onnx_file, case
             for k, out in enumerate(session.run(["boxes", "scores", "classes"], feed)):
                 np.save(f"out{i}_{k}.npy", out)
         assert "torch" not in sys.modules
-    """, onnx_file, len(cases))
+    """,
+        onnx_file,
+        len(cases),
+    )
     assert code == 0, out
     for outputs, (_, expected) in zip(load_outputs(tmp_path, cases), cases):
         assert_same_detections(outputs, expected)
@@ -228,15 +245,45 @@ def test_onnx_uses_grid_sample_and_matches_eager_in_onnx_runtime(onnx_file, case
 def test_export_tool_writes_a_loadable_program_with_config_overrides(tmp_path):
     """tools/export_model.py with a trailing KEY VALUE override (NUM_SELECT) and an example size."""
     output = tmp_path / "tool.pt2"
-    subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), "--config-file",
-                    str(REPO / "configs" / "dino_demo.yaml"), "--format", "torch-export", "--output", str(output),
-                    "--size", "320", "352", "MODEL.DINO.NUM_SELECT", "7"], check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "export_model.py"),
+            "--config-file",
+            str(REPO / "configs" / "dino_demo.yaml"),
+            "--format",
+            "torch-export",
+            "--output",
+            str(output),
+            "--size",
+            "320",
+            "352",
+            "MODEL.DINO.NUM_SELECT",
+            "7",
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     images, sizes = example_inputs(384, 320, 1)
     with torch.no_grad():
         boxes, scores, classes = torch.export.load(str(output)).module()(images, sizes)
     assert boxes.shape == (1, 7, 4) and scores.shape == (1, 7) and classes.shape == (1, 7)
     assert (scores[:, :-1] >= scores[:, 1:]).all()
-    bad = subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), "--config-file",
-                          str(REPO / "configs" / "dino_demo.yaml"), "--format", "onnx", "--output",
-                          str(tmp_path / "x.onnx"), "--size", "300", "352"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "export_model.py"),
+            "--config-file",
+            str(REPO / "configs" / "dino_demo.yaml"),
+            "--format",
+            "onnx",
+            "--output",
+            str(tmp_path / "x.onnx"),
+            "--size",
+            "300",
+            "352",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "height 300 is outside the exported sizes" in bad.stderr

@@ -26,8 +26,10 @@ def graph_counter(graph_module, example_inputs):
 
 
 def build(compile_backend=""):
-    cfg = get_dino_cfg(Path(__file__).resolve().parents[1] / "configs" / "dino_demo.yaml",
-                       ["MODEL.DEVICE", "cpu", "MODEL.DINO.COMPILE", compile_backend])
+    cfg = get_dino_cfg(
+        Path(__file__).resolve().parents[1] / "configs" / "dino_demo.yaml",
+        ["MODEL.DEVICE", "cpu", "MODEL.DINO.COMPILE", compile_backend],
+    )
     torch.manual_seed(0)
     return build_model(cfg).eval()
 

@@ -8,6 +8,7 @@ Inputs of the exported model: ``images`` (N, 3, H, W) float32, normalized and ze
 H and W multiples of 32 in [320, 1344]; ``image_sizes`` (N, 2) int64 valid (h, w). Outputs:
 ``boxes`` (N, NUM_SELECT, 4) xyxy in input pixels, ``scores``, ``classes``. See README ("Export").
 """
+
 import argparse
 
 import torch
@@ -25,10 +26,22 @@ def parse_args(argv=None):
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--format", required=True, choices=sorted(WRITERS))
     parser.add_argument("--output", required=True, help="file to write (.pt2 or .onnx)")
-    parser.add_argument("--size", type=int, nargs=2, default=[800, 1216], metavar=("H", "W"),
-                        help="example input size (multiples of 32); the export works for all sizes in the range")
-    parser.add_argument("--size-range", type=int, nargs=2, default=list(SIZE_RANGE), metavar=("MIN", "MAX"),
-                        help="smallest and largest H and W the exported model accepts")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=[800, 1216],
+        metavar=("H", "W"),
+        help="example input size (multiples of 32); the export works for all sizes in the range",
+    )
+    parser.add_argument(
+        "--size-range",
+        type=int,
+        nargs=2,
+        default=list(SIZE_RANGE),
+        metavar=("MIN", "MAX"),
+        help="smallest and largest H and W the exported model accepts",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args(argv)
 

@@ -17,6 +17,18 @@ from .module import DetectorForExport
 from .runtimes import BACKENDS, build_runtime
 
 __all__ = [
-    "BACKENDS", "build_runtime", "DetectorForExport", "ExportError", "MAX_BATCH", "SIZE_MULTIPLE", "SIZE_RANGE", "check_image_size",
-    "compile_aoti", "example_inputs", "export_detector", "export_onnx", "op_library_path", "save_program",
+    "BACKENDS",
+    "build_runtime",
+    "DetectorForExport",
+    "ExportError",
+    "MAX_BATCH",
+    "SIZE_MULTIPLE",
+    "SIZE_RANGE",
+    "check_image_size",
+    "compile_aoti",
+    "example_inputs",
+    "export_detector",
+    "export_onnx",
+    "op_library_path",
+    "save_program",
 ]

@@ -20,8 +20,17 @@ from dino_detr.modeling.meta_arch import DinoDetr
 from .module import DetectorForExport
 
 __all__ = [
-    "SIZE_MULTIPLE", "SIZE_RANGE", "MAX_BATCH", "ExportError", "check_image_size", "example_inputs",
-    "export_detector", "save_program", "compile_aoti", "export_onnx", "op_library_path",
+    "SIZE_MULTIPLE",
+    "SIZE_RANGE",
+    "MAX_BATCH",
+    "ExportError",
+    "check_image_size",
+    "example_inputs",
+    "export_detector",
+    "save_program",
+    "compile_aoti",
+    "export_onnx",
+    "op_library_path",
 ]
 
 SIZE_MULTIPLE = 32
@@ -64,8 +73,9 @@ def _dynamic_shapes(size_range):
     return {"images": {0: batch, 2: SIZE_MULTIPLE * height, 3: SIZE_MULTIPLE * width}, "image_sizes": {0: batch}}
 
 
-def export_detector(model: DinoDetr, example_size: Tuple[int, int] = (800, 1216),
-                    size_range: Sequence[int] = SIZE_RANGE) -> ExportedProgram:
+def export_detector(
+    model: DinoDetr, example_size: Tuple[int, int] = (800, 1216), size_range: Sequence[int] = SIZE_RANGE
+) -> ExportedProgram:
     """``torch.export`` of ``DetectorForExport(model)`` on the CPU, batch size 1 to ``MAX_BATCH``
     and H, W any multiple of 32 in ``size_range``. The graph keeps ``dino_detr.ms_deform_attn``
     as one node per attention.
@@ -127,9 +137,14 @@ def export_onnx(program: ExportedProgram, path: str) -> str:
     from .onnx import ONNX_OPSET, ms_deform_attn_onnx
 
     torch.onnx.export(
-        program, program.example_inputs[0], path, dynamo=True, opset_version=ONNX_OPSET,
+        program,
+        program.example_inputs[0],
+        path,
+        dynamo=True,
+        opset_version=ONNX_OPSET,
         custom_translation_table={torch.ops.dino_detr.ms_deform_attn.default: ms_deform_attn_onnx},
-        input_names=["images", "image_sizes"], output_names=["boxes", "scores", "classes"],
+        input_names=["images", "image_sizes"],
+        output_names=["boxes", "scores", "classes"],
     )
     return str(path)
 

@@ -28,8 +28,9 @@ class DetectorForExport(nn.Module):
             raise TypeError(f"DetectorForExport: expected a DinoDetr model, got {type(model).__name__}")
         self.model = model.eval()
 
-    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, image_sizes: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
             images: (N, 3, H, W) float32 normalized images, zero-padded after normalization.

@@ -32,8 +32,10 @@ def ms_deform_attn_onnx(value, spatial_shapes, level_start_index, sampling_locat
     batch = op.Shape(value, start=0, end=1)
     num_queries = op.Shape(sampling_locations, start=1, end=2)
     # (N, Lq, M, L, P, 2) in [0, 1] -> (N, M, Lq, L, P, 2) in [-1, 1], GridSample's convention.
-    grids = op.Transpose(op.Sub(op.Mul(sampling_locations, op.Constant(value_float=2.0)),
-                                op.Constant(value_float=1.0)), perm=[0, 2, 1, 3, 4, 5])
+    grids = op.Transpose(
+        op.Sub(op.Mul(sampling_locations, op.Constant(value_float=2.0)), op.Constant(value_float=1.0)),
+        perm=[0, 2, 1, 3, 4, 5],
+    )
     grid_shape = op.Concat(_ints(-1), num_queries, _ints(num_points, 2), axis=0)
     sampled = []
     for level in range(num_levels):
@@ -43,15 +45,19 @@ def ms_deform_attn_onnx(value, spatial_shapes, level_start_index, sampling_locat
         end = op.Add(start, op.Mul(op.Reshape(height, _ints(1)), op.Reshape(width, _ints(1))))
         # (N, H*W, M, D) -> (N*M, D, H, W)
         level_value = op.Transpose(op.Slice(value, start, end, _ints(1)), perm=[0, 2, 3, 1])
-        level_value = op.Reshape(level_value, op.Concat(_ints(-1, head_dim), op.Reshape(height, _ints(1)),
-                                                        op.Reshape(width, _ints(1)), axis=0))
+        level_value = op.Reshape(
+            level_value,
+            op.Concat(_ints(-1, head_dim), op.Reshape(height, _ints(1)), op.Reshape(width, _ints(1)), axis=0),
+        )
         # (N, M, Lq, P, 2) -> (N*M, Lq, P, 2)
         grid = op.Reshape(op.Gather(grids, op.Constant(value_int=level), axis=3), grid_shape)
         sampled.append(op.GridSample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=0))
     sampled = op.Concat(*sampled, axis=-1)  # (N*M, D, Lq, L*P)
     # (N, Lq, M, L, P) -> (N*M, 1, Lq, L*P)
-    weights = op.Reshape(op.Transpose(attention_weights, perm=[0, 2, 1, 3, 4]),
-                         op.Concat(_ints(-1, 1), num_queries, _ints(num_levels * num_points), axis=0))
+    weights = op.Reshape(
+        op.Transpose(attention_weights, perm=[0, 2, 1, 3, 4]),
+        op.Concat(_ints(-1, 1), num_queries, _ints(num_levels * num_points), axis=0),
+    )
     out = op.ReduceSum(op.Mul(sampled, weights), _ints(-1), keepdims=0)  # (N*M, D, Lq)
     out = op.Reshape(out, op.Concat(batch, _ints(num_heads * head_dim, -1), axis=0))
     return op.Transpose(out, perm=[0, 2, 1])

@@ -89,7 +89,8 @@ def image_padding_mask(image_sizes: torch.Tensor, height: int, width: int) -> to
 
 def _sizes_tensor(image_sizes, device) -> torch.Tensor:
     """(N, 2) int64 of an ImageList's ``image_sizes`` (ints, or 0-dim tensors under ``torch.jit.trace``)."""
-    return torch.stack([torch.stack([torch.as_tensor(s, dtype=torch.long) for s in hw]) for hw in image_sizes]).to(device)
+    sizes = [torch.stack([torch.as_tensor(s, dtype=torch.long) for s in hw]) for hw in image_sizes]
+    return torch.stack(sizes).to(device)
 
 
 def top_detections(logits: torch.Tensor, boxes: torch.Tensor, image_sizes: torch.Tensor, num_select: int):
@@ -368,7 +369,7 @@ class DinoDetr(nn.Module):
         return results
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_predict(backend: str):
     """``DinoDetr.predict_padded`` compiled once per backend (the model is an argument, so copies
     of a model, e.g. its EMA, never call the original)."""
