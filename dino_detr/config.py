@@ -103,6 +103,10 @@ def check_dino_config(cfg):
         raise ValueError(f"MODEL.DINO.DN_LABEL_NOISE_RATIO must be in [0, 1], got {d.DN_LABEL_NOISE_RATIO}")
     if d.DN_BOX_NOISE_SCALE < 0 or d.DN_NUMBER < 0:
         raise ValueError("MODEL.DINO.DN_BOX_NOISE_SCALE and MODEL.DINO.DN_NUMBER must be >= 0")
+    if d.COMPILE and d.COMPILE not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(
+            f"MODEL.DINO.COMPILE={d.COMPILE!r} is not a torch.compile backend (e.g. 'inductor'; '' = eager)"
+        )
     if d.POSITION_EMBEDDING not in ("sine", "learned"):
         raise ValueError(f"MODEL.DINO.POSITION_EMBEDDING must be 'sine' or 'learned', got {d.POSITION_EMBEDDING!r}")
 
@@ -160,6 +164,10 @@ def _add_model_config(cfg):
     # without the full (tokens, DIM_FEEDFORWARD) activation (165 MB per image at 800x1216).
     # 0 = no slicing. Training and GPU inference never slice.
     d.ENCODER_CPU_CHUNK_SIZE = 2048
+    # Inference through torch.compile with this backend ("inductor"; "" = eager): the network
+    # from the padded images to the predictions is one graph, dynamic in the batch and image
+    # sizes (no recompilation per size). The first call compiles (about a minute on a CPU).
+    d.COMPILE = ""
     # Backbone "build_timm_backbone": any timm CNN with features_only=True; set
     # MODEL.DINO.IN_FEATURES to the matching ["timm_feat{i}"] names.
     cfg.MODEL.TIMM = CN()

@@ -11,7 +11,7 @@ from torchvision.ops import box_convert
 
 from dino_detr.modeling.decoder import DeformableDecoder, DeformableDecoderLayer, look_forward_twice
 from dino_detr.modeling.denoising import contrastive_denoising, denoising_attn_mask, dn_positive_indices
-from dino_detr.modeling.encoder import DeformableEncoder, DeformableEncoderLayer
+from dino_detr.modeling.encoder import DeformableEncoder, DeformableEncoderLayer, encoder_reference_points
 from dino_detr.modeling.heads import make_box_head
 from dino_detr.modeling.matcher import HungarianMatcher, assign
 from dino_detr.modeling.position_encoding import PositionEmbeddingSineHW, box_sine_embedding
@@ -137,7 +137,7 @@ def test_query_selection_skips_padding_and_borders():
     shapes = torch.tensor([[4, 6], [2, 3]])
     padding = torch.zeros(2, 30, dtype=torch.bool)
     padding[1, :24] = torch.tensor([[False] * 4 + [True] * 2] * 4).flatten()  # image 1: 4x4 valid of 4x6
-    memory, proposals = encoder_output_proposals(torch.randn(2, 30, 8), padding, shapes)
+    memory, proposals = encoder_output_proposals(torch.randn(2, 30, 8), padding, shapes.tolist())
     assert torch.isinf(proposals[padding]).all() and (memory[padding] == 0).all()
     centre = proposals[1, 5].sigmoid()  # image 1, level 0, row 0, col 5 (padding) -> inf
     assert torch.isinf(proposals[1, 5]).all() and torch.isnan(centre).sum() == 0
@@ -172,15 +172,16 @@ def test_encoder_cpu_slices_match_one_pass():
     padding = torch.zeros(2, s, dtype=torch.bool)
     padding[1, 9 * 10:start[1]] = True  # image 2: three padded rows at level 0
     ratios = torch.tensor([[[1.0, 1.0]] * 4, [[1.0, 0.75]] * 4])
+    refs = encoder_reference_points(shapes.tolist(), ratios)
     encoder = DeformableEncoder(DeformableEncoderLayer(32, 64, 0.0, 4, 4, 2), 2, cpu_chunk_size=17).eval()
     with torch.no_grad():
-        sliced = encoder(src, pos, shapes, start, ratios, padding)
+        sliced = encoder(src, pos, refs, shapes, start, padding)
         encoder.cpu_chunk_size = 0
-        whole = encoder(src, pos, shapes, start, ratios, padding)
+        whole = encoder(src, pos, refs, shapes, start, padding)
     torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
     calls = []
     encoder.layers[0].register_forward_pre_hook(lambda module, args: calls.append(args[-1]))
     encoder.cpu_chunk_size = 17
     src.requires_grad_(True)
-    encoder(src, pos, shapes, start, ratios, padding).sum().backward()
+    encoder(src, pos, refs, shapes, start, padding).sum().backward()
     assert calls == [0] and src.grad.abs().sum() > 0

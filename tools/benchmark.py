@@ -9,6 +9,10 @@ Works on any Detectron2 config, so DINO and Detectron2's own baselines are measu
 
 Weights are random (MODEL.WEIGHTS is cleared): cost does not depend on them. ``--compare-reference`` also
 times the model with the pure-PyTorch multi-scale deformable attention and reports the speed ratio.
+``--backends`` times DINO's exported inference path (``dino_detr.export``) on each runtime side by side:
+
+    python tools/benchmark.py --config-file configs/dino_r50_4scale.yaml --size 800 1216 --no-flops \
+        --backends eager compiled aoti onnxruntime --json out/dino4_backends.json
 """
 import argparse
 import contextlib
@@ -16,6 +20,8 @@ import json
 import os
 import platform
 import sys
+import tempfile
+import time
 
 import torch
 from detectron2.config import get_cfg
@@ -24,7 +30,8 @@ from detectron2.structures import Boxes, Instances
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from dino_detr import add_dino_config  # noqa: E402  (registers DINO)
-from dino_detr.analysis import PUBLISHED_AP, count_flops, measure_inference, measure_training  # noqa: E402
+from dino_detr.analysis import PUBLISHED_AP, count_flops, measure_call, measure_inference, measure_training  # noqa: E402,E501
+from dino_detr.export import BACKENDS, build_runtime, example_inputs  # noqa: E402
 from dino_detr.utils import reuse_freed_cpu_memory  # noqa: E402
 
 
@@ -102,6 +109,29 @@ def reference_ms_deform_attn():
             setattr(module, name, ms_deform_attn)
 
 
+def benchmark_backends(model, size, backends, warmup, repeats):
+    """Latency, peak memory and build time (export / compilation) of each backend on one
+    normalized image of ``size``, with the largest difference from eager of scores and boxes."""
+    images, sizes = example_inputs(*size, batch=1)
+    with torch.no_grad():
+        reference = build_runtime("eager", model, size, "")(images, sizes)
+    results = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for backend in backends:
+            start = time.perf_counter()
+            with torch.no_grad():
+                run = build_runtime(backend, model, size, workdir)
+                outputs = run(images, sizes)  # the first call compiles (torch.compile)
+            result = {"build_s": time.perf_counter() - start}
+            result.update(measure_call(run, (images, sizes), torch.device("cpu"), warmup, repeats))
+            result["max_abs_diff_boxes"] = float((outputs[0] - reference[0]).abs().max())
+            result["max_abs_diff_scores"] = float((outputs[1] - reference[1]).abs().max())
+            result["same_classes"] = bool(torch.equal(outputs[2], reference[2]))
+            results[backend] = result
+            del run, outputs
+    return results
+
+
 def benchmark(args):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     # Same allocator setting for every model and both MSDA implementations (see cpu_allocator.py).
@@ -127,6 +157,10 @@ def benchmark(args):
     }
     inputs = make_inputs(h, w, device, with_targets=False)
     result["inference"] = measure_inference(model, inputs, args.warmup, args.repeats, args.amp)
+    if args.backends:
+        if cfg.MODEL.META_ARCHITECTURE != "DinoDetr" or args.device != "cpu":
+            raise SystemExit("--backends: DINO configs on the CPU only")
+        result["backends"] = benchmark_backends(model, (h, w), args.backends, args.warmup, args.repeats)
     if args.compare_reference:
         with reference_ms_deform_attn() as n:
             if n == 0:
@@ -169,10 +203,30 @@ def markdown_table(results):
             f"| {r['model']} | {ap} | {r['params_m']:.1f} | {gflops} | {r['input'][0]}x{r['input'][1]} | {dev} "
             f"| {lat} | {r['inference']['peak_mem_mib']:.0f} | {train} | {r['machine']} |"
         )
+    rows += backends_table(results)
     commands = [f"- {r['model']}: `{r['command']}`" for r in results if "command" in r]
     if commands:
         rows += ["", "Commands:", "", *commands]
     return "\n".join(rows)
+
+
+def backends_table(results):
+    """Rows of the side-by-side table of ``--backends`` results (empty when there are none)."""
+    rows = ["", "| model | input | backend | latency (s/img) | vs eager | peak mem (MiB) | build (s) | "
+            "max diff scores / boxes vs eager |", "|---|---|---|---|---|---|---|---|"]
+    found = False
+    for r in results:
+        eager = r.get("backends", {}).get("eager")
+        for name, b in r.get("backends", {}).items():
+            found = True
+            ratio = f"{eager['latency_s'] / b['latency_s']:.2f}x" if eager else "-"
+            same = "" if b["same_classes"] else " (classes differ)"
+            rows.append(
+                f"| {r['model']} | {r['input'][0]}x{r['input'][1]} | {name} | {b['latency_s']:.3f} | {ratio} | "
+                f"{b['peak_mem_mib']:.0f} | {b['build_s']:.0f} | {b['max_abs_diff_scores']:.1e} / "
+                f"{b['max_abs_diff_boxes']:.1e}{same} |"
+            )
+    return rows if found else []
 
 
 def plot(results, path):
@@ -218,6 +272,8 @@ def main(argv=None):
     parser.add_argument("--no-flops", action="store_true")
     parser.add_argument("--compare-reference", action="store_true",
                         help="also time with the pure-PyTorch MSDA op and report the speed ratio")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=[],
+                        help="also time DINO's exported inference path on these CPU runtimes (H, W multiples of 32)")
     parser.add_argument("--json", help="write the result (or, with --summarize, all results) here")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="combine earlier results")
     parser.add_argument("--markdown", help="write the Markdown table here")

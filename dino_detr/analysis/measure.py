@@ -64,6 +64,19 @@ def measure_inference(model, inputs, warmup=1, repeats=5, amp=False):
     return {"latency_s": statistics.median(times), "latency_all_s": times, "peak_mem_mib": _peak_mib(device)}
 
 
+def measure_call(fn, args, device, warmup=1, repeats=5):
+    """Median latency (s) of ``fn(*args)`` under no_grad and peak memory (MiB, as in
+    :func:`measure_inference`); for models that are not Detectron2 modules (exported, compiled)."""
+    reset_peak_memory(device)
+
+    def step():
+        with torch.no_grad():
+            fn(*args)
+
+    times = _timed(step, device, warmup, repeats)
+    return {"latency_s": statistics.median(times), "latency_all_s": times, "peak_mem_mib": _peak_mib(device)}
+
+
 def measure_training(model, inputs, warmup=1, repeats=3, amp=False):
     """Median time (s) of one training iteration (forward, backward, AdamW step) and peak memory (MiB).
 

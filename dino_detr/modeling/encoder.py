@@ -1,6 +1,7 @@
 """Deformable transformer encoder of DINO (Deformable DETR's, post-norm)."""
 
 import copy
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn
@@ -54,23 +55,24 @@ class DeformableEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout3(ffn))
 
 
-def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+def encoder_reference_points(level_shapes: Sequence[Tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
     """Pixel-centre reference point of every encoder token, expressed for every level.
 
     Each token's centre is normalized by its own level's valid (unpadded) extent, then
     multiplied by each level's valid ratio (official Deformable DETR rule).
 
     Args:
-        spatial_shapes: (L, 2) int64 (H_l, W_l).
+        level_shapes: L pairs (H_l, W_l) (ints, or a traced graph's symbolic sizes).
         valid_ratios: (N, L, 2) valid fraction (w, h) per level.
     Returns:
         (N, S, L, 2) normalized (x, y).
     """
     points = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_shapes):
+        # arange, not linspace: the same values, and a traced graph keeps h and w symbolic.
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device),
+            torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5,
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
@@ -92,18 +94,19 @@ class DeformableEncoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.cpu_chunk_size = cpu_chunk_size
 
-    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         """
         Args:
-            src, pos: (N, S, C); spatial_shapes: (L, 2); level_start_index: (L,);
-            valid_ratios: (N, L, 2); padding_mask: (N, S) bool or None (no padding).
+            src, pos: (N, S, C); reference_points: (N, S, L, 2) (:func:`encoder_reference_points`);
+            spatial_shapes: (L, 2); level_start_index: (L,); padding_mask: (N, S) bool or None (no padding).
         Returns:
             memory (N, S, C)
         """
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         # Slicing lowers peak memory. Autograd would keep every slice's activations anyway;
         # on a GPU, one large launch per op is the usual choice (not measured here: no GPU).
-        chunk_size = self.cpu_chunk_size if src.device.type == "cpu" and not torch.is_grad_enabled() else 0
+        # Traced graphs do not slice: a loop over a symbolic token count would fix the image size.
+        sliceable = src.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        chunk_size = self.cpu_chunk_size if sliceable else 0
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, chunk_size)
         return src

@@ -1,5 +1,6 @@
 """DINO as a Detectron2 meta-architecture (``MODEL.META_ARCHITECTURE: "DinoDetr"``)."""
 
+import functools
 import logging
 import math
 from typing import Dict, List, Optional
@@ -22,7 +23,7 @@ from .matcher import HungarianMatcher
 from .position_encoding import build_position_embedding
 from .transformer import DeformableTransformer
 
-__all__ = ["DinoDetr", "check_images", "check_training_targets"]
+__all__ = ["DinoDetr", "check_images", "check_training_targets", "image_padding_mask", "top_detections"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,37 @@ def check_training_targets(batched_inputs: List[Dict], num_classes: int) -> None
                              "width and height")
 
 
+def image_padding_mask(image_sizes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 2) valid (h, w) per image of a batch padded to ``height`` x ``width`` -> (N, H, W)
+    bool, True at the padded pixels (tensor ops only, so it traces with dynamic sizes)."""
+    rows = torch.arange(height, device=image_sizes.device)[None, :, None] >= image_sizes[:, 0, None, None]
+    cols = torch.arange(width, device=image_sizes.device)[None, None, :] >= image_sizes[:, 1, None, None]
+    return rows | cols
+
+
+def _sizes_tensor(image_sizes, device) -> torch.Tensor:
+    """(N, 2) int64 of an ImageList's ``image_sizes`` (ints, or 0-dim tensors under ``torch.jit.trace``)."""
+    sizes = [torch.stack([torch.as_tensor(s, dtype=torch.long) for s in hw]) for hw in image_sizes]
+    return torch.stack(sizes).to(device)
+
+
+def top_detections(logits: torch.Tensor, boxes: torch.Tensor, image_sizes: torch.Tensor, num_select: int):
+    """Top ``num_select`` (query, class) pairs of each image by sigmoid score.
+
+    Args:
+        logits: (N, K, classes); boxes: (N, K, 4) normalized cxcywh; image_sizes: (N, 2) valid (h, w).
+    Returns:
+        boxes (N, num_select, 4) xyxy in the pixels of the valid image, scores (N, num_select)
+        in decreasing order, classes (N, num_select) int64.
+    """
+    num_classes = logits.shape[-1]
+    scores, index = logits.sigmoid().flatten(1).topk(num_select, dim=1)
+    boxes = torch.gather(box_convert(boxes, "cxcywh", "xyxy"), 1,
+                         torch.div(index, num_classes, rounding_mode="floor")[..., None].expand(-1, -1, 4))
+    scale = image_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)[:, None]  # (N, 1, 4): w, h, w, h
+    return boxes * scale, scores, index % num_classes
+
+
 @META_ARCH_REGISTRY.register()
 class DinoDetr(nn.Module):
     """DINO: backbone -> input projections -> deformable encoder -> mixed query selection ->
@@ -110,6 +142,7 @@ class DinoDetr(nn.Module):
         enc_loss: bool,
         pixel_mean: List[float],
         pixel_std: List[float],
+        compile_backend: str = "",
     ):
         """
         Args:
@@ -122,6 +155,8 @@ class DinoDetr(nn.Module):
             criterion: the DINO losses; num_select: detections kept per image.
             dn_*: contrastive denoising settings (``dn_number`` 0 disables it).
             pixel_mean / pixel_std: input normalization, in the channel order of the input.
+            compile_backend: when set, inference runs :meth:`predict_padded` through
+                ``torch.compile(backend=compile_backend, dynamic=True)``; training stays eager.
         """
         super().__init__()
         self.backbone = backbone
@@ -142,6 +177,7 @@ class DinoDetr(nn.Module):
         self.enc_loss = enc_loss
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.compile_backend = compile_backend
 
     @classmethod
     def from_config(cls, cfg):
@@ -199,6 +235,7 @@ class DinoDetr(nn.Module):
             "enc_loss": d.ENC_LOSS,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "compile_backend": d.COMPILE,
         }
 
     @property
@@ -214,11 +251,8 @@ class DinoDetr(nn.Module):
     @staticmethod
     def padding_mask(images: ImageList) -> torch.Tensor:
         """(N, H, W) bool, True at the padded pixels of the batch."""
-        n, _, h, w = images.tensor.shape
-        mask = torch.ones((n, h, w), dtype=torch.bool, device=images.tensor.device)
-        for i, (ih, iw) in enumerate(images.image_sizes):
-            mask[i, :ih, :iw] = False
-        return mask
+        sizes = _sizes_tensor(images.image_sizes, images.tensor.device)
+        return image_padding_mask(sizes, *images.tensor.shape[-2:])
 
     def prepare_targets(self, gt_instances: List[Instances]) -> List[Dict[str, torch.Tensor]]:
         """Per image ``labels`` (M,) and ``boxes`` (M, 4) cxcywh normalized by the image size."""
@@ -264,16 +298,26 @@ class DinoDetr(nn.Module):
         )
 
     def predict(self, images: ImageList, dn: Optional[DenoisingQueries] = None) -> Dict[str, object]:
-        """Runs the network.
+        """Runs the network on a batch (see :meth:`predict_padded`), compiled in inference when
+        ``MODEL.DINO.COMPILE`` names a backend."""
+        if self.compile_backend and not self.training and dn is None:
+            return _compiled_predict(self.compile_backend)(self, images.tensor, self.padding_mask(images))
+        return self.predict_padded(images.tensor, self.padding_mask(images), dn)
 
+    def predict_padded(self, images: torch.Tensor, mask: torch.Tensor,
+                       dn: Optional[DenoisingQueries] = None) -> Dict[str, object]:
+        """Runs the network on normalized, padded images.
+
+        Args:
+            images: (N, C, H, W) normalized batch; mask: (N, H, W) bool, True at padding.
         Returns:
             ``layers``: per decoder layer ``{pred_logits (N, K, classes), pred_boxes (N, K, 4)}``
             for the K matching queries (last layer last); ``enc``: the selected encoder
             proposals' predictions; ``dn_layers``: per layer predictions of the P denoising
             queries (empty without denoising). Boxes are normalized cxcywh.
         """
-        features = self.backbone(images.tensor)
-        srcs, masks = self.input_proj([features[f] for f in self.in_features], self.padding_mask(images))
+        features = self.backbone(images)
+        srcs, masks = self.input_proj([features[f] for f in self.in_features], mask)
         pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
         if dn is None:
             out = self.transformer(srcs, masks, pos)
@@ -310,19 +354,23 @@ class DinoDetr(nn.Module):
 
     def inference(self, outputs, image_sizes, batched_inputs) -> List[Dict[str, Instances]]:
         """Top ``num_select`` (query, class) pairs by sigmoid score, boxes in the output size."""
-        logits = outputs["layers"][-1]["pred_logits"]
-        boxes = outputs["layers"][-1]["pred_boxes"]
-        scores, index = logits.sigmoid().flatten(1).topk(self.num_select, dim=1)
-        classes = index % self.num_classes
-        boxes = torch.gather(box_convert(boxes, "cxcywh", "xyxy"), 1,
-                             (index // self.num_classes)[..., None].expand(-1, -1, 4))
+        last = outputs["layers"][-1]
+        sizes = _sizes_tensor(image_sizes, last["pred_boxes"].device)
+        boxes, scores, classes = top_detections(last["pred_logits"], last["pred_boxes"], sizes, self.num_select)
         results = []
         for i, (h, w) in enumerate(image_sizes):
             inst = Instances((h, w))
-            inst.pred_boxes = Boxes(boxes[i] * torch.as_tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device))
+            inst.pred_boxes = Boxes(boxes[i])
             inst.scores = scores[i]
             inst.pred_classes = classes[i]
             out_h = batched_inputs[i].get("height", h)
             out_w = batched_inputs[i].get("width", w)
             results.append({"instances": detector_postprocess(inst, out_h, out_w)})
         return results
+
+
+@functools.cache
+def _compiled_predict(backend: str):
+    """``DinoDetr.predict_padded`` compiled once per backend (the model is an argument, so copies
+    of a model, e.g. its EMA, never call the original)."""
+    return torch.compile(DinoDetr.predict_padded, backend=backend, dynamic=True)

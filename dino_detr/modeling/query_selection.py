@@ -1,7 +1,7 @@
 """Mixed query selection (DINO Sec. 3.4): anchors from the top-k encoder proposals,
 content queries from a learned embedding."""
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -9,7 +9,7 @@ __all__ = ["encoder_output_proposals", "gather_queries", "select_top_k"]
 
 
 def encoder_output_proposals(
-    memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    memory: torch.Tensor, padding_mask: torch.Tensor, level_shapes: Sequence[Tuple[int, int]]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One proposal per encoder token: a box centred on its pixel, of side ``0.05 * 2**level``.
 
@@ -20,20 +20,20 @@ def encoder_output_proposals(
     Args:
         memory: (N, S, C) encoder output.
         padding_mask: (N, S) bool, True at padding.
-        spatial_shapes: (L, 2) int64 (H_l, W_l).
+        level_shapes: L pairs (H_l, W_l) (ints, or a traced graph's symbolic sizes).
     Returns:
         memory: (N, S, C) with invalid tokens zeroed; proposals: (N, S, 4) inverse-sigmoid cxcywh.
     """
     n = memory.shape[0]
     proposals = []
     start = 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_shapes):
         level_mask = padding_mask[:, start:start + h * w].view(n, h, w)
         valid_h = (~level_mask[:, :, 0]).sum(1)
         valid_w = (~level_mask[:, 0, :]).sum(1)
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-            torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+            torch.arange(h, dtype=torch.float32, device=memory.device),
+            torch.arange(w, dtype=torch.float32, device=memory.device),
             indexing="ij",
         )
         grid = torch.stack([grid_x, grid_y], -1)  # (h, w, 2)

@@ -1,6 +1,6 @@
 """The DINO transformer: deformable encoder, mixed query selection, deformable decoder."""
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -8,7 +8,7 @@ from torch import nn
 from dino_detr.layers import MSDeformAttn
 
 from .decoder import DeformableDecoder, DeformableDecoderLayer
-from .encoder import DeformableEncoder, DeformableEncoderLayer
+from .encoder import DeformableEncoder, DeformableEncoderLayer, encoder_reference_points
 from .query_selection import encoder_output_proposals, gather_queries, select_top_k
 
 __all__ = ["DeformableTransformer", "valid_ratios"]
@@ -100,20 +100,24 @@ class DeformableTransformer(nn.Module):
         pos = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)], 1
         )
-        spatial_shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=src.device)
+        # One scalar tensor per size (not torch.as_tensor of the sizes), so that the sizes of a
+        # traced graph (torch.export, torch.compile) stay symbolic instead of being fixed.
+        spatial_shapes = torch.stack(
+            [torch.full((), d, dtype=torch.long, device=src.device) for s in srcs for d in s.shape[-2:]]
+        ).view(-1, 2)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)
         return src, mask, pos, spatial_shapes, level_start_index, ratios
 
-    def mixed_query_selection(self, memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor):
+    def mixed_query_selection(self, memory: torch.Tensor, padding_mask: torch.Tensor, level_shapes: List[Tuple]):
         """Anchors = top-``num_queries`` encoder proposals (refined by the encoder box head),
-        content queries = the learned ``tgt_embed``.
+        content queries = the learned ``tgt_embed``. ``level_shapes``: (H_l, W_l) of each level.
 
         Returns:
             tgt (N, K, C); anchors_unsig (N, K, 4) inverse-sigmoid boxes, detached;
             enc_logits (N, K, num_classes) and enc_boxes (N, K, 4) sigmoid, undetached.
         """
-        output_memory, proposals = encoder_output_proposals(memory, padding_mask, spatial_shapes)
+        output_memory, proposals = encoder_output_proposals(memory, padding_mask, level_shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         logits = self.enc_out_class_embed(output_memory)
         topk = select_top_k(logits, self.num_queries)
@@ -143,9 +147,16 @@ class DeformableTransformer(nn.Module):
         """
         src, padding_mask, pos, spatial_shapes, level_start_index, ratios = self.flatten_levels(srcs, masks, pos_embeds)
         # Without padding (e.g. one image, or equal sizes) the attentions skip masking altogether.
-        attn_padding_mask = padding_mask if bool(padding_mask.any()) else None
-        memory = self.encoder(src, pos, spatial_shapes, level_start_index, ratios, attn_padding_mask)
-        tgt, anchors_unsig, enc_logits, enc_boxes = self.mixed_query_selection(memory, padding_mask, spatial_shapes)
+        # Traced graphs (torch.compile, torch.export) always mask: the test reads data, and
+        # masking nothing gives the same result.
+        attn_padding_mask = padding_mask
+        if not torch.compiler.is_compiling() and not bool(padding_mask.any()):
+            attn_padding_mask = None
+        # Sizes as Python values (symbolic when traced), not read back from spatial_shapes.
+        level_shapes = [tuple(s.shape[-2:]) for s in srcs]
+        reference_points = encoder_reference_points(level_shapes, ratios)
+        memory = self.encoder(src, pos, reference_points, spatial_shapes, level_start_index, attn_padding_mask)
+        tgt, anchors_unsig, enc_logits, enc_boxes = self.mixed_query_selection(memory, padding_mask, level_shapes)
         if dn_tgt is not None:
             tgt = torch.cat([dn_tgt, tgt], 1)
             anchors_unsig = torch.cat([dn_anchors_unsig, anchors_unsig], 1)
