@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from dino_detr.analysis.bandwidth import copy_bandwidth, ms_deform_attn_bytes, value_rows_read
+from bandwidth import copy_bandwidth, ms_deform_attn_bytes, value_rows_read
 
 from train_utils import REPO
 

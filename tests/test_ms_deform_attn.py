@@ -342,3 +342,32 @@ def test_device_layout_is_not_read_on_the_host():
     inputs = [t.to("meta") for t in make_inputs(2, [[3, 4], [2, 2]], 2, 3, 5, 2, dtype=torch.float32)]
     out = ms_deform_attn(*inputs)
     assert out.device.type == "meta" and out.shape == (2, 5, 6)
+
+
+def test_use_reference_implementation_switch(monkeypatch):
+    """Inside ``use_reference_implementation()`` the op runs the pure-PyTorch reference (also with the
+    native op built), outside it does not; the switch nests and restores."""
+    import importlib
+
+    from dino_detr.layers import use_reference_implementation
+
+    op_module = importlib.import_module("dino_detr.layers.ms_deform_attn")  # the module, not the function
+
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return ms_deform_attn_reference(*args)
+
+    monkeypatch.setattr(op_module, "ms_deform_attn_reference", spy)
+    inputs = make_inputs(1, [[3, 4], [2, 2]], 2, 4, 5, 2, seed=0)
+    with use_reference_implementation():
+        with use_reference_implementation(False):
+            op_module.ms_deform_attn(*inputs)
+            inner = len(calls)
+        out = op_module.ms_deform_attn(*inputs)
+    assert len(calls) == inner + 1
+    torch.testing.assert_close(out, ms_deform_attn_reference(*inputs))
+    op_module.ms_deform_attn(*inputs)  # outside: the native op, when built
+    if native_extension_available():
+        assert inner == 0 and len(calls) == 1

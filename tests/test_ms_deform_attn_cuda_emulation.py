@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference
-from cuda_emulation.msda_emu import cuda_emulation  # noqa: F401  (fixture)
 from msda_inputs import level_layout, make_inputs
 
 

@@ -15,46 +15,34 @@ times the model with the pure-PyTorch multi-scale deformable attention and repor
         --backends eager compiled aoti onnxruntime --json out/dino4_backends.json
 """
 import argparse
-import contextlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dino_detr import add_dino_config  # noqa: E402  (registers DINO)
-from dino_detr.analysis import PUBLISHED_AP, count_flops, measure_call, measure_inference, measure_training  # noqa: E402,E501
-from dino_detr.export import BACKENDS, build_runtime, example_inputs  # noqa: E402
-from dino_detr.utils import reuse_freed_cpu_memory  # noqa: E402
+from dino_detr import get_dino_cfg  # (registers DINO)
+from dino_detr.analysis import count_flops
+from dino_detr.export import BACKENDS, build_runtime, example_inputs
+from dino_detr.layers import MSDeformAttn, use_reference_implementation
 
-
-def machine_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    return f"{cpu}, {torch.get_num_threads()} threads"
+from cpu_allocator import reuse_freed_cpu_memory
+from measure import machine_name, measure_call, measure_inference, measure_training
+from published import PUBLISHED_AP
 
 
 def load_cfg(config_file, device, opts):
-    cfg = get_cfg()
-    add_dino_config(cfg)
     if config_file.startswith("zoo:"):
         from detectron2 import model_zoo
 
         config_file = model_zoo.get_config_file(config_file[4:])
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file not found: {config_file}")
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = get_dino_cfg(config_file, opts)
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = device
     cfg.freeze()
@@ -88,25 +76,6 @@ def make_inputs(height, width, device, with_targets, num_classes=80, num_boxes=8
         inst.gt_classes = torch.randint(0, num_classes, (num_boxes,), generator=g).to(device)
         sample["instances"] = inst
     return [sample]
-
-
-@contextlib.contextmanager
-def reference_ms_deform_attn():
-    """Route every use of the native MSDA op inside ``dino_detr`` to the pure-PyTorch reference."""
-    from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference
-
-    patched = []
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("dino_detr"):
-            for name, value in list(vars(module).items()):
-                if value is ms_deform_attn:
-                    patched.append((module, name))
-                    setattr(module, name, ms_deform_attn_reference)
-    try:
-        yield len(patched)
-    finally:
-        for module, name in patched:
-            setattr(module, name, ms_deform_attn)
 
 
 def benchmark_backends(model, size, backends, warmup, repeats):
@@ -162,9 +131,9 @@ def benchmark(args):
             raise SystemExit("--backends: DINO configs on the CPU only")
         result["backends"] = benchmark_backends(model, (h, w), args.backends, args.warmup, args.repeats)
     if args.compare_reference:
-        with reference_ms_deform_attn() as n:
-            if n == 0:
-                raise SystemExit("--compare-reference: this model does not use dino_detr's MSDA op")
+        if not any(isinstance(m, MSDeformAttn) for m in model.modules()):
+            raise SystemExit("--compare-reference: this model does not use dino_detr's MSDA op")
+        with use_reference_implementation():
             ref = measure_inference(model, inputs, args.warmup, args.repeats, args.amp)
         result["inference_reference_msda"] = ref
         result["speedup_vs_reference_msda"] = ref["latency_s"] / result["inference"]["latency_s"]

@@ -8,7 +8,7 @@ M=8 heads, D=32, P=4, forward and forward+backward. Each measurement runs in a f
 so that its peak memory (CPU: growth of the resident size over the inputs; CUDA:
 max_memory_allocated) is its own; times are medians (CUDA events on the GPU). The floor is
 the bytes the op must read and write once (the value rows its samples touch, every other
-input and output whole) over the measured device copy bandwidth (dino_detr/analysis/bandwidth.py).
+input and output whole) over the measured device copy bandwidth (tools/bandwidth.py).
 
     python tools/benchmark_ms_deform_attn.py [--device cpu|cuda] [--dtype float16] [--size 800 1333]
         [--cases encoder decoder] [--batches 1 2] [--threads 2] [--json out.json] [--markdown out.md]
@@ -35,20 +35,6 @@ def feature_levels(height: int, width: int) -> list:
 
 def num_queries(case: str, levels: list) -> int:
     return sum(h * w for h, w in levels) if case == "encoder" else DECODER_QUERIES
-
-
-def machine_name(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores visible"
 
 
 def reference_points(case: str, batch: int, levels: list, generator):
@@ -106,8 +92,8 @@ def run_case(
     op must move (forward, or forward + backward)."""
     import torch
 
-    from dino_detr.analysis.bandwidth import median_seconds, ms_deform_attn_bytes, value_rows_read
-    from dino_detr.analysis.measure import reset_peak_memory, rss_kib
+    from bandwidth import median_seconds, ms_deform_attn_bytes, value_rows_read
+    from measure import reset_peak_memory, rss_kib
     from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference
 
     torch.set_num_threads(threads)
@@ -199,7 +185,7 @@ def main():
 
     import torch
 
-    from dino_detr.analysis.bandwidth import copy_bandwidth
+    from bandwidth import copy_bandwidth
 
     torch.set_num_threads(args.threads)
     bandwidth = copy_bandwidth(torch.device(args.device), args.copy_mib * 2**20)
@@ -247,6 +233,8 @@ def main():
                 row["native_over_floor"] = row["native_ms"] / row["bandwidth_floor_ms"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+
+    from measure import machine_name
 
     header = {
         "machine": machine_name(args.device),

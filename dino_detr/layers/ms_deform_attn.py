@@ -15,14 +15,16 @@ When the extension ``dino_detr._C`` is not built, the op falls back to the
 pure-PyTorch reference (``grid_sample``) and says so once.
 """
 
+import contextlib
 import warnings
+from typing import Iterator
 
 import torch
 
 from .cuda_arch import check_kernel_image
 from .ms_deform_attn_reference import ms_deform_attn_reference
 
-__all__ = ["ms_deform_attn", "native_extension_available"]
+__all__ = ["ms_deform_attn", "native_extension_available", "use_reference_implementation"]
 
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the repository root"
 
@@ -47,6 +49,22 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def native_extension_available() -> bool:
     """True when ``dino_detr._C`` is built and ``torch.ops.dino_detr.ms_deform_attn`` is the native op."""
     return _NATIVE_IMPORT_ERROR is None
+
+
+_force_reference = False
+
+
+@contextlib.contextmanager
+def use_reference_implementation(enabled: bool = True) -> Iterator[None]:
+    """Within this context, :func:`ms_deform_attn` runs the pure-PyTorch reference even when the
+    native op is built: e.g. to measure what the native op saves inside a whole model
+    (``tools/benchmark.py --compare-reference``). Not thread-safe; nests."""
+    global _force_reference
+    previous, _force_reference = _force_reference, enabled
+    try:
+        yield
+    finally:
+        _force_reference = previous
 
 
 def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -185,7 +203,7 @@ def ms_deform_attn(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(t).__name__}")
     args = tuple(t.contiguous() for t in inputs)
-    if _NATIVE_IMPORT_ERROR is None:
+    if _NATIVE_IMPORT_ERROR is None and not _force_reference:
         check_kernel_image(value.device)  # one clear error when the build has no image for this GPU
         return torch.ops.dino_detr.ms_deform_attn(*args)  # checks its inputs (C++, or the fake kernel)
     _check_metadata(*args)

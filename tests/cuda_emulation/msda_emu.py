@@ -97,7 +97,7 @@ class EmulatedCuda:
         return Op.apply
 
 
-def _load(max_blocks=0):
+def load_emulation(max_blocks=0):
     path = default_library()
     if not os.path.exists(path):
         message = f"the CUDA emulation library {path} is not built (make cuda-emulation)"
@@ -107,18 +107,3 @@ def _load(max_blocks=0):
 
         pytest.skip(message)
     return EmulatedCuda(path, max_blocks)
-
-
-def _fixture():
-    import pytest
-
-    @pytest.fixture
-    def cuda_emulation():
-        """Factory of ``EmulatedCuda(max_blocks=...)`` on the built library (skips when it is not
-        built, fails instead under ``DINO_DETR_REQUIRE_CUDA_EMU=1``, as ``make test`` sets it)."""
-        return _load
-
-    return cuda_emulation
-
-
-cuda_emulation = _fixture()

@@ -1,9 +1,23 @@
-"""Latency and peak-memory measurement of a Detectron2 model on the CPU or a GPU."""
+"""Latency and peak-memory measurement of a Detectron2 model on the CPU or a GPU, and the name of
+the machine they were measured on (tools/benchmark.py, tools/benchmark_ms_deform_attn.py)."""
+import contextlib
+import platform
 import statistics
 import time
 
 import torch
 from detectron2.utils.events import EventStorage
+
+
+def machine_name(device) -> str:
+    """The GPU's name, or the CPU model with the number of threads torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or "cpu"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def _sync(device):
