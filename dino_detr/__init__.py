@@ -5,6 +5,7 @@ Importing the package registers the meta-architecture ``"DinoDetr"`` and the bac
 Detectron2's ``DefaultPredictor`` and ``DefaultTrainer`` load weights with
 :class:`dino_detr.checkpoint.SafeCheckpointer` (no code runs from a weight file).
 """
+
 from .checkpoint import use_safe_checkpointer
 from .config import add_dino_config, check_dino_config, get_dino_cfg, resolve_device
 from .modeling import DinoDetr

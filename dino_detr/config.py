@@ -3,6 +3,7 @@
 Defaults are the official DINO-4scale R50 12-epoch settings (IDEA-Research/DINO,
 ``config/DINO/DINO_4scale.py``) expressed in Detectron2's vocabulary.
 """
+
 import logging
 import os
 
@@ -69,8 +70,19 @@ def _check_config_file(path: str) -> None:
 def check_dino_config(cfg):
     """Raise ``ValueError`` naming the key when DINO settings contradict each other."""
     d = cfg.MODEL.DINO
-    positive = ["NUM_CLASSES", "HIDDEN_DIM", "NHEADS", "ENC_LAYERS", "DEC_LAYERS", "DIM_FEEDFORWARD",
-                "ENC_N_POINTS", "DEC_N_POINTS", "NUM_QUERIES", "NUM_FEATURE_LEVELS", "NUM_SELECT"]
+    positive = [
+        "NUM_CLASSES",
+        "HIDDEN_DIM",
+        "NHEADS",
+        "ENC_LAYERS",
+        "DEC_LAYERS",
+        "DIM_FEEDFORWARD",
+        "ENC_N_POINTS",
+        "DEC_N_POINTS",
+        "NUM_QUERIES",
+        "NUM_FEATURE_LEVELS",
+        "NUM_SELECT",
+    ]
     for key in positive:
         if d[key] <= 0:
             raise ValueError(f"MODEL.DINO.{key} must be positive, got {d[key]}")

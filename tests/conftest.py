@@ -1,5 +1,6 @@
 """Shared test set-up. Makes the tools' own modules (``tools/*.py``: the scripts and their helpers, such as
 ``visualization``) importable by the tests, as they are for a script run from ``tools/``."""
+
 import os
 import sys
 

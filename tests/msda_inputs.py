@@ -23,14 +23,17 @@ def special_locations(spatial_shapes, num_values, generator, dtype):
             edge = idx / size
             border = (kind % 2).to(dtype)  # 0.0 or 1.0
             outside = torch.where(kind % 2 == 0, -0.6 / size, 1 + 0.6 / size).to(dtype)
-            choice = torch.stack([centre, edge, border, outside, torch.rand(num_values, generator=generator, dtype=dtype)])
+            choice = torch.stack(
+                [centre, edge, border, outside, torch.rand(num_values, generator=generator, dtype=dtype)]
+            )
             per_axis.append(choice[kind, torch.arange(num_values)])
         out.append(torch.stack(per_axis, -1))
     return torch.stack(out, 1)
 
 
-def make_inputs(batch, shapes, heads, channels, queries, points, dtype=torch.float64, device="cpu",
-                seed=0, locations="mixed"):
+def make_inputs(
+    batch, shapes, heads, channels, queries, points, dtype=torch.float64, device="cpu", seed=0, locations="mixed"
+):
     """Random (value, spatial_shapes, level_start_index, sampling_locations, attention_weights).
 
     locations: "mixed" (uniform in [-0.3, 1.3] plus hard spots from ``special_locations``),
@@ -67,12 +70,20 @@ def random_case(seed):
         return options[int(torch.randint(0, len(options), (1,), generator=g))]
 
     num_levels = pick([1, 5])
-    shapes = [[int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))]
-              for _ in range(num_levels)]
+    shapes = [
+        [int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))]
+        for _ in range(num_levels)
+    ]
     if num_levels > 1:
         shapes[-1] = [1, 1]
-    return (pick([1, 2, 3]), shapes, pick([1, 2, 3, 8, 16]), pick([1, 3, 17, 33]),
-            int(torch.randint(1, 12, (1,), generator=g)), pick([1, 2, 4, 8]))
+    return (
+        pick([1, 2, 3]),
+        shapes,
+        pick([1, 2, 3, 8, 16]),
+        pick([1, 3, 17, 33]),
+        int(torch.randint(1, 12, (1,), generator=g)),
+        pick([1, 2, 4, 8]),
+    )
 
 
 def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
@@ -87,7 +98,7 @@ def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_we
     out = value.new_zeros(n_batch, queries, heads, channels)
     start = 0
     for l, (h, w) in enumerate(spatial_shapes.tolist()):
-        level = value[:, start:start + h * w].reshape(n_batch, h, w, heads, channels)
+        level = value[:, start : start + h * w].reshape(n_batch, h, w, heads, channels)
         start += h * w
         for n in range(n_batch):
             for q in range(queries):
@@ -118,11 +129,10 @@ def float32_tolerances(inputs, grad_out):
       grad_attn    G * V                                      (k = D)
     each scaled by 2 (k + 8 + 2 max(H, W)) u for two evaluations.
     """
-    value, spatial_shapes, _, locations, weights = (t.detach().double() if t.is_floating_point() else t
-                                                   for t in inputs)
+    value, spatial_shapes, _, locations, weights = (t.detach().double() if t.is_floating_point() else t for t in inputs)
     n, _, heads, channels = value.shape
     _, queries, _, levels, points, _ = locations.shape
-    u = 2.0 ** -24
+    u = 2.0**-24
     widest = int(spatial_shapes.max())
     slack = 8 + 2 * widest
 

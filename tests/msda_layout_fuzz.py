@@ -17,25 +17,27 @@ import torch
 from dino_detr.layers import ms_deform_attn
 
 EXTREMES = [
-    ([[2 ** 62 + 1, 4]], None, 4),
-    ([[2 ** 32, 2 ** 32], [2, 2]], None, 4),
-    ([[2, 2], [2 ** 32, 2 ** 32]], None, 4),
-    ([[2 ** 63 - 1, 1]], None, 4),
-    ([[-(2 ** 63), -1]], None, 4),
-    ([[2 ** 31, 2 ** 33], [1, 4]], [0, 0], 4),
+    ([[2**62 + 1, 4]], None, 4),
+    ([[2**32, 2**32], [2, 2]], None, 4),
+    ([[2, 2], [2**32, 2**32]], None, 4),
+    ([[2**63 - 1, 1]], None, 4),
+    ([[-(2**63), -1]], None, 4),
+    ([[2**31, 2**33], [1, 4]], [0, 0], 4),
     ([[3, 4], [0, 2]], [0, 12], 12),
     ([[3, 4], [-2, -2]], [0, 12], 16),
     ([[3, 4], [2, 2]], [0, 13], 16),
     ([[3, 4], [2, 2]], [0, 12], 14),
     ([[1, 1]], [-1], 1),
 ]
-SIZES = [1, 2, 3, 5, 0, -1, -4, 2 ** 31, 2 ** 32, 2 ** 32 + 1, 2 ** 62 + 1, 2 ** 63 - 1, -(2 ** 63)]
+SIZES = [1, 2, 3, 5, 0, -1, -4, 2**31, 2**32, 2**32 + 1, 2**62 + 1, 2**63 - 1, -(2**63)]
 
 
 def random_layout(g):
     levels = int(torch.randint(1, 5, (1,), generator=g))
-    shapes = torch.tensor([[SIZES[int(i)] for i in torch.randint(0, len(SIZES), (2,), generator=g)]
-                           for _ in range(levels)], dtype=torch.int64)
+    shapes = torch.tensor(
+        [[SIZES[int(i)] for i in torch.randint(0, len(SIZES), (2,), generator=g)] for _ in range(levels)],
+        dtype=torch.int64,
+    )
     sizes = shapes.prod(1)  # int64: wraps around like a C++ check would
     starts = torch.cumsum(sizes, 0) - sizes
     if torch.rand(1, generator=g) < 0.3:
@@ -56,17 +58,24 @@ def entry_points(emulation):
         return (torch.ops.dino_detr.ms_deform_attn(*inputs),)
 
     def op_backward(*inputs):
-        grad = torch.ones(inputs[0].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3],
-                          dtype=inputs[0].dtype)
+        grad = torch.ones(
+            inputs[0].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3], dtype=inputs[0].dtype
+        )
         return torch.ops.dino_detr.ms_deform_attn_backward(grad, *inputs)
 
-    points = {"dino_detr.layers.ms_deform_attn": layer, "torch.ops.dino_detr.ms_deform_attn": op_forward,
-              "torch.ops.dino_detr.ms_deform_attn_backward": op_backward}
+    points = {
+        "dino_detr.layers.ms_deform_attn": layer,
+        "torch.ops.dino_detr.ms_deform_attn": op_forward,
+        "torch.ops.dino_detr.ms_deform_attn_backward": op_backward,
+    }
     if emulation is not None:
         points["emulated CUDA forward"] = lambda *inputs: (emulation.forward(*inputs),)
         points["emulated CUDA backward"] = lambda *inputs: emulation.backward(
-            torch.ones(inputs[0].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3],
-                       dtype=inputs[0].dtype), *inputs)
+            torch.ones(
+                inputs[0].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3], dtype=inputs[0].dtype
+            ),
+            *inputs,
+        )
     return points
 
 

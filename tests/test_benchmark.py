@@ -1,5 +1,6 @@
 """tools/benchmark.py: FLOP counting of the MSDA op, the measured fields, the table and the plot, on a
 small DINO and on one of Detectron2's own model-zoo configs."""
+
 import json
 import subprocess
 import sys
@@ -8,14 +9,27 @@ import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
 
-from dino_detr.analysis.flops import MSDA_OP_NAME, count_flops, ms_deform_attn_flop_jit
+from dino_detr.analysis.flops import MSDA_OP_NAME, ms_deform_attn_flop_jit
 from dino_detr.layers import MSDeformAttn
 
 from train_utils import REPO
 
-TINY_DINO = ["MODEL.DINO.HIDDEN_DIM", "64", "MODEL.DINO.DIM_FEEDFORWARD", "128", "MODEL.DINO.ENC_LAYERS", "1",
-             "MODEL.DINO.DEC_LAYERS", "2", "MODEL.DINO.NUM_QUERIES", "50", "MODEL.DINO.NUM_SELECT", "50",
-             "MODEL.DINO.DN_NUMBER", "5"]
+TINY_DINO = [
+    "MODEL.DINO.HIDDEN_DIM",
+    "64",
+    "MODEL.DINO.DIM_FEEDFORWARD",
+    "128",
+    "MODEL.DINO.ENC_LAYERS",
+    "1",
+    "MODEL.DINO.DEC_LAYERS",
+    "2",
+    "MODEL.DINO.NUM_QUERIES",
+    "50",
+    "MODEL.DINO.NUM_SELECT",
+    "50",
+    "MODEL.DINO.DN_NUMBER",
+    "5",
+]
 
 
 def test_msda_flops_are_counted_not_skipped():
@@ -39,17 +53,44 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     common = ["--device", "cpu", "--threads", "1", "--size", "96", "128", "--warmup", "1", "--repeats", "2"]
     runs = {
-        "dino": ["--config-file", str(REPO / "configs" / "dino_demo.yaml"), "--train", "--train-batch", "1",
-                 "--compare-reference", *common, "--json", str(out / "dino.json"), *TINY_DINO],
-        "retinanet": ["--config-file", "zoo:COCO-Detection/retinanet_R_50_FPN_1x.yaml", *common, "--json",
-                      str(out / "retinanet.json")],
+        "dino": [
+            "--config-file",
+            str(REPO / "configs" / "dino_demo.yaml"),
+            "--train",
+            "--train-batch",
+            "1",
+            "--compare-reference",
+            *common,
+            "--json",
+            str(out / "dino.json"),
+            *TINY_DINO,
+        ],
+        "retinanet": [
+            "--config-file",
+            "zoo:COCO-Detection/retinanet_R_50_FPN_1x.yaml",
+            *common,
+            "--json",
+            str(out / "retinanet.json"),
+        ],
     }
     for args in runs.values():
         subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), *args], check=True, cwd=REPO)
     summary = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark.py"), "--summarize", str(out / "dino.json"),
-         str(out / "retinanet.json"), "--markdown", str(out / "table.md"), "--plot", str(out / "plot.png")],
-        check=True, cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO / "tools" / "benchmark.py"),
+            "--summarize",
+            str(out / "dino.json"),
+            str(out / "retinanet.json"),
+            "--markdown",
+            str(out / "table.md"),
+            "--plot",
+            str(out / "plot.png"),
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     return {name: json.loads((out / f"{name}.json").read_text()) for name in runs}, out, summary.stdout
 
@@ -62,7 +103,8 @@ def test_dino_fields(results):
     assert dino["gflops"] >= sum(v for k, v in dino["gflops_by_op"].items() if k != "ms_deform_attn")
     assert 0 < dino["inference"]["latency_s"] < 60 and dino["inference"]["peak_mem_mib"] > 0
     assert dino["speedup_vs_reference_msda"] == pytest.approx(
-        dino["inference_reference_msda"]["latency_s"] / dino["inference"]["latency_s"])
+        dino["inference_reference_msda"]["latency_s"] / dino["inference"]["latency_s"]
+    )
     assert dino["training"]["iter_s"] > 0 and dino["train_batch"] == 1
     assert dino["command"].startswith("python tools/benchmark.py --config-file")
 

@@ -1,5 +1,6 @@
 """COCO-format datasets from the config: what real annotation files contain is either handled
 (with a logged count) or rejected before training with the file and the ids named."""
+
 import json
 import logging
 import os
@@ -53,14 +54,21 @@ def _write_images(root):
     wide = (np.arange(36 * 52, dtype=np.uint32).reshape(36, 52) * 30).astype(np.uint16)  # up to 56130
     Image.fromarray(wide).save(root / "deep16.png")
     _exif_rotated_jpeg(root / "rotated.jpg", stored_width=80, stored_height=30)
-    return {"photo.jpg": (60, 40), "photo.png": (70, 50), "gray.png": (64, 48), "rgba.png": (66, 44),
-            "deep16.png": (52, 36), "rotated.jpg": (30, 80)}
+    return {
+        "photo.jpg": (60, 40),
+        "photo.png": (70, 50),
+        "gray.png": (64, 48),
+        "rgba.png": (66, 44),
+        "deep16.png": (52, 36),
+        "rotated.jpg": (30, 80),
+    }
 
 
 def _good_coco(root):
     sizes = _write_images(root)
-    images = [{"id": i + 10, "file_name": name, "width": w, "height": h}
-              for i, (name, (w, h)) in enumerate(sizes.items())]
+    images = [
+        {"id": i + 10, "file_name": name, "width": w, "height": h} for i, (name, (w, h)) in enumerate(sizes.items())
+    ]
     anns = [
         {"id": 1, "image_id": 10, "category_id": 0, "bbox": [5, 5, 20, 15], "area": 300, "iscrowd": 0},
         {"id": 2, "image_id": 10, "category_id": 9, "bbox": [50, 30, 30, 30], "area": 900, "iscrowd": 0},  # clipped
@@ -91,8 +99,10 @@ def test_real_world_dataset_is_handled_with_logged_counts(good, caplog):
     register_coco_dataset("own_good", json_file, root)  # same files again: nothing to do
     with caplog.at_level(logging.INFO, logger="dino_detr"):
         records = DatasetCatalog.get("own_good")
-    assert "6 images (1 without annotations); 2 box(es) clipped to their image, 1 box(es) with no area dropped, " \
-           "1 iscrowd annotation(s) kept for evaluation only" in caplog.text
+    assert (
+        "6 images (1 without annotations); 2 box(es) clipped to their image, 1 box(es) with no area dropped, "
+        "1 iscrowd annotation(s) kept for evaluation only" in caplog.text
+    )
     meta = MetadataCatalog.get("own_good")
     assert meta.thing_classes == ["zero", "five", "nine"]
     assert meta.thing_dataset_id_to_contiguous_id == {0: 0, 5: 1, 9: 2}
@@ -103,8 +113,11 @@ def test_real_world_dataset_is_handled_with_logged_counts(good, caplog):
     assert by_name["deep16.png"]["annotations"][0]["bbox"] == [0, 4, 10, 20]
     assert [a["iscrowd"] for a in by_name["photo.png"]["annotations"]] == [1]
     check_num_classes(3, ["own_good"])
-    with pytest.raises(ValueError, match=r"MODEL.DINO.NUM_CLASSES is 80 but the training dataset 'own_good' has 3 "
-                                         r"categories .*set MODEL.DINO.NUM_CLASSES 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"MODEL.DINO.NUM_CLASSES is 80 but the training dataset 'own_good' has 3 "
+        r"categories .*set MODEL.DINO.NUM_CLASSES 3",
+    ):
         check_num_classes(80, ["own_good"])
 
     cfg = get_dino_cfg(REPO / "configs" / "dino_demo.yaml")
@@ -169,10 +182,12 @@ def test_broken_images_are_rejected_before_training(good, tmp_path):
     (tmp_path / "images" / "truncated.jpg").write_bytes(content[: len(content) // 2])
     (tmp_path / "images" / "text.png").write_text("not an image")
     _exif_rotated_jpeg(tmp_path / "images" / "stored_size.jpg", stored_width=80, stored_height=30)
-    data["images"] += [{"id": 20, "file_name": "truncated.jpg", "width": 60, "height": 40},
-                       {"id": 21, "file_name": "text.png", "width": 10, "height": 10},
-                       {"id": 22, "file_name": "stored_size.jpg", "width": 80, "height": 30},
-                       {"id": 23, "file_name": "missing.png", "width": 10, "height": 10}]
+    data["images"] += [
+        {"id": 20, "file_name": "truncated.jpg", "width": 60, "height": 40},
+        {"id": 21, "file_name": "text.png", "width": 10, "height": 10},
+        {"id": 22, "file_name": "stored_size.jpg", "width": 80, "height": 30},
+        {"id": 23, "file_name": "missing.png", "width": 10, "height": 10},
+    ]
     message = _reject(tmp_path, data, "4 problem")
     assert "image id 20 (" in message and "truncated.jpg): unreadable" in message
     assert "image id 21 (" in message and "text.png): unreadable" in message

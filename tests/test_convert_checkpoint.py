@@ -321,11 +321,15 @@ def test_loading_is_weights_only_by_default(tmp_path, monkeypatch):
 def test_cli_end_to_end(tmp_path, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", os.path.join(REPO, "tools", "convert_checkpoint.py"))
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", os.path.join(REPO, "tools", "convert_checkpoint.py")
+    )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     src, out = tmp_path / "official.pth", tmp_path / "ours.pth"
-    torch.save({"model": random_checkpoint("official_dino_r50_5scale"), "args": argparse.Namespace(num_classes=91)}, src)
+    torch.save(
+        {"model": random_checkpoint("official_dino_r50_5scale"), "args": argparse.Namespace(num_classes=91)}, src
+    )
     cli.main(["--source", "official", str(src), str(out), "--classes", "source"])
     printed = capsys.readouterr().out
     assert "strict load into the model verified" in printed

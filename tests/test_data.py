@@ -1,5 +1,5 @@
 """Demo dataset generator and DETR-style dataset mapper."""
-import json
+
 import logging
 
 import cv2
@@ -85,7 +85,9 @@ def _record(path, height, width, boxes, mode=BoxMode.XYWH_ABS):
         "height": height,
         "width": width,
         "image_id": 1,
-        "annotations": [{"bbox": b, "bbox_mode": mode, "category_id": i % 3, "iscrowd": 0} for i, b in enumerate(boxes)],
+        "annotations": [
+            {"bbox": b, "bbox_mode": mode, "category_id": i % 3, "iscrowd": 0} for i, b in enumerate(boxes)
+        ],
     }
 
 

@@ -32,12 +32,16 @@ def test_denoising_attn_mask_elementwise():
 
 def test_contrastive_denoising_layout_and_noise():
     torch.manual_seed(0)
-    boxes = [torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.2]]), torch.tensor([[0.5, 0.5, 0.4, 0.4]]),
-             torch.zeros(0, 4)]
+    boxes = [
+        torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.2]]),
+        torch.tensor([[0.5, 0.5, 0.4, 0.4]]),
+        torch.zeros(0, 4),
+    ]
     labels = [torch.tensor([1, 2]), torch.tensor([0]), torch.zeros(0, dtype=torch.long)]
     label_enc = nn.Embedding(5, 8)
-    dn = contrastive_denoising(labels, boxes, label_enc, num_queries=7, dn_number=10, label_noise_ratio=0.0,
-                               box_noise_scale=0.4, num_classes=4)
+    dn = contrastive_denoising(
+        labels, boxes, label_enc, num_queries=7, dn_number=10, label_noise_ratio=0.0, box_noise_scale=0.4, num_classes=4
+    )
     assert (dn.num_groups, dn.max_gt, dn.pad_size) == (5, 2, 20)
     assert dn.tgt.shape == (3, 20, 8) and dn.anchors_unsig.shape == (3, 20, 4)
     assert dn.attn_mask.shape == (27, 27)
@@ -45,9 +49,9 @@ def test_contrastive_denoising_layout_and_noise():
     for g in range(dn.num_groups):
         for copy in (0, 1):
             start = 2 * g * dn.max_gt + copy * dn.max_gt
-            torch.testing.assert_close(dn.tgt[0, start:start + 2], label_enc(labels[0]))
+            torch.testing.assert_close(dn.tgt[0, start : start + 2], label_enc(labels[0]))
             torch.testing.assert_close(dn.tgt[1, start], label_enc(labels[1])[0])
-            assert dn.tgt[1, start + 1].abs().sum() == 0 and dn.tgt[2, start:start + 2].abs().sum() == 0
+            assert dn.tgt[1, start + 1].abs().sum() == 0 and dn.tgt[2, start : start + 2].abs().sum() == 0
     # Positive copies stay within half the box size of the truth (per corner), negatives move farther.
     noised = box_convert(dn.anchors_unsig.sigmoid(), "cxcywh", "xyxy")
     for (q, gt), image in zip(dn_positive_indices([2, 1, 0], dn), range(3)):
@@ -68,8 +72,16 @@ def test_contrastive_denoising_label_noise_rate():
     labels = [torch.zeros(50, dtype=torch.long)]
     boxes = [torch.full((50, 4), 0.5)]
     label_enc = nn.Embedding(11, 4)
-    dn = contrastive_denoising(labels, boxes, label_enc, num_queries=1, dn_number=2000,
-                               label_noise_ratio=0.5, box_noise_scale=0.0, num_classes=10)
+    dn = contrastive_denoising(
+        labels,
+        boxes,
+        label_enc,
+        num_queries=1,
+        dn_number=2000,
+        label_noise_ratio=0.5,
+        box_noise_scale=0.0,
+        num_classes=10,
+    )
     # Flipped with probability ratio / 2 to a uniform class (which is class 0 again 1/10 of the time).
     unchanged = torch.isclose(dn.tgt[0], label_enc.weight[0]).all(-1)
     rate = 1 - unchanged.float().mean().item()
@@ -101,10 +113,10 @@ def test_matcher_prefers_the_right_query():
     logits[0, 2, 3] = 5.0
     boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2]]])
     targets = [{"labels": torch.tensor([3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]])}]
-    (rows, cols), = HungarianMatcher()({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    ((rows, cols),) = HungarianMatcher()({"pred_logits": logits, "pred_boxes": boxes}, targets)
     assert rows.tolist() == [2] and cols.tolist() == [0]
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
-    (rows, cols), = HungarianMatcher()({"pred_logits": logits, "pred_boxes": boxes}, empty)
+    ((rows, cols),) = HungarianMatcher()({"pred_logits": logits, "pred_boxes": boxes}, empty)
     assert len(rows) == len(cols) == 0
     logits[0, 1, 3] = float("nan")  # a diverged prediction: a clear error, not scipy's
     with pytest.raises(FloatingPointError, match="non-finite"):
@@ -122,8 +134,15 @@ def test_look_forward_twice_gradient_path():
     decoder = DeformableDecoder(layer, 2, heads, 32)
     memory = torch.randn(1, 12, 32)
     shapes = torch.tensor([[3, 4]])
-    args = (torch.randn(1, 5, 32), torch.rand(1, 5, 4) * 0.5 + 0.25, memory, shapes, torch.tensor([0]),
-            torch.ones(1, 1, 2), torch.zeros(1, 12, dtype=torch.bool))
+    args = (
+        torch.randn(1, 5, 32),
+        torch.rand(1, 5, 4) * 0.5 + 0.25,
+        memory,
+        shapes,
+        torch.tensor([0]),
+        torch.ones(1, 1, 2),
+        torch.zeros(1, 12, dtype=torch.bool),
+    )
     hidden, boxes = decoder(*args)
     prediction = look_forward_twice(heads[1], hidden[1], boxes[1])
     (grad_lft,) = torch.autograd.grad(prediction.sum(), heads[0].layers[-1].weight, allow_unused=True)
@@ -153,11 +172,21 @@ def test_sine_embeddings():
     pos = PositionEmbeddingSineHW(4, temperature_h=20, temperature_w=20)(mask)
     assert pos.shape == (1, 8, 2, 3)
     # y features first: y = (row + 1) / H * 2 pi, first feature sin(y / 20**0)
-    torch.testing.assert_close(pos[0, 0, :, 0], torch.sin(torch.tensor([1.0, 2.0]) / 2 * 2 * math.pi), atol=1e-5, rtol=0)
-    torch.testing.assert_close(pos[0, 4, 0], torch.sin(torch.tensor([1.0, 2.0, 3.0]) / 3 * 2 * math.pi), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        pos[0, 0, :, 0], torch.sin(torch.tensor([1.0, 2.0]) / 2 * 2 * math.pi), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        pos[0, 4, 0], torch.sin(torch.tensor([1.0, 2.0, 3.0]) / 3 * 2 * math.pi), atol=1e-5, rtol=0
+    )
     emb = box_sine_embedding(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), num_feats=2)
-    expected = torch.tensor([math.sin(0.2 * 2 * math.pi), math.cos(0.2 * 2 * math.pi),
-                             math.sin(0.1 * 2 * math.pi), math.cos(0.1 * 2 * math.pi)])
+    expected = torch.tensor(
+        [
+            math.sin(0.2 * 2 * math.pi),
+            math.cos(0.2 * 2 * math.pi),
+            math.sin(0.1 * 2 * math.pi),
+            math.cos(0.1 * 2 * math.pi),
+        ]
+    )
     torch.testing.assert_close(emb[0, :4], expected, atol=1e-6, rtol=0)
 
 
@@ -170,7 +199,7 @@ def test_encoder_cpu_slices_match_one_pass():
     s = int(shapes.prod(1).sum())
     src, pos = torch.randn(2, s, 32), torch.randn(2, s, 32)
     padding = torch.zeros(2, s, dtype=torch.bool)
-    padding[1, 9 * 10:start[1]] = True  # image 2: three padded rows at level 0
+    padding[1, 9 * 10 : start[1]] = True  # image 2: three padded rows at level 0
     ratios = torch.tensor([[[1.0, 1.0]] * 4, [[1.0, 0.75]] * 4])
     refs = encoder_reference_points(shapes.tolist(), ratios)
     encoder = DeformableEncoder(DeformableEncoderLayer(32, 64, 0.0, 4, 4, 2), 2, cpu_chunk_size=17).eval()

@@ -1,4 +1,5 @@
 """Optimizer builder, NaN guards and EMA of dino_detr.engine (no training loop)."""
+
 import pytest
 import torch
 from detectron2.config import get_cfg

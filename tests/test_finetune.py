@@ -1,4 +1,5 @@
 """Loading a checkpoint of another class count: everything but the class-dependent tensors."""
+
 import logging
 
 import pytest
@@ -11,12 +12,16 @@ from dino_detr.engine import DinoTrainer, FiniteCheckpointer
 from train_utils import REPO
 
 CLASS_TENSORS = [f"class_embed.{i}.{p}" for i in range(3) for p in ("weight", "bias")] + [
-    "transformer.enc_out_class_embed.weight", "transformer.enc_out_class_embed.bias", "label_enc.weight"]
+    "transformer.enc_out_class_embed.weight",
+    "transformer.enc_out_class_embed.bias",
+    "label_enc.weight",
+]
 
 
 def _model(num_classes):
-    cfg = get_dino_cfg(REPO / "configs" / "dino_demo.yaml", ["MODEL.DEVICE", "cpu", "MODEL.DINO.NUM_CLASSES",
-                                                            str(num_classes)])
+    cfg = get_dino_cfg(
+        REPO / "configs" / "dino_demo.yaml", ["MODEL.DEVICE", "cpu", "MODEL.DINO.NUM_CLASSES", str(num_classes)]
+    )
     return DinoTrainer.build_model(cfg)
 
 
@@ -47,6 +52,9 @@ def test_checkpointer_loads_everything_but_the_class_tensors(tmp_path, caplog):
     assert "9 class-dependent tensor(s) keep their new random initialisation" in caplog.text
     assert "label_enc.weight: checkpoint (5, 128), model (3, 128)" in caplog.text
     # Evaluation (tools/train_net.py --eval-only) refuses such a checkpoint instead of using untrained heads.
-    with pytest.raises(ValueError, match=r"another number of classes \(transformer.enc_out_class_embed.weight has 4 "
-                                         r"rows, the model 2: MODEL.DINO.NUM_CLASSES\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"another number of classes \(transformer.enc_out_class_embed.weight has 4 "
+        r"rows, the model 2: MODEL.DINO.NUM_CLASSES\)",
+    ):
         FiniteCheckpointer(_model(2), reinit_class_tensors=False).load(str(tmp_path / "four.pth"), checkpointables=[])

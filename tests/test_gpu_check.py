@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from bandwidth import copy_bandwidth, ms_deform_attn_bytes, value_rows_read
-
 from train_utils import REPO
 
 

@@ -1,6 +1,7 @@
 """Validated inputs: training targets checked by the model (class range, finite boxes of positive
 size, the image named), and predictor images converted (grayscale, BGRA, uint16, float) or
 refused with what was given and what is needed."""
+
 import cv2
 import numpy as np
 import pytest
@@ -14,10 +15,28 @@ from dino_detr.engine import DinoPredictor, to_bgr_uint8
 
 from train_utils import REPO
 
-TINY = ["MODEL.DEVICE", "cpu", "MODEL.DINO.HIDDEN_DIM", "64", "MODEL.DINO.DIM_FEEDFORWARD", "64",
-        "MODEL.DINO.ENC_LAYERS", "1", "MODEL.DINO.DEC_LAYERS", "2", "MODEL.DINO.NUM_QUERIES", "20",
-        "MODEL.DINO.NUM_SELECT", "20", "MODEL.DINO.DN_NUMBER", "0", "INPUT.MIN_SIZE_TEST", "64",
-        "INPUT.MAX_SIZE_TEST", "96"]
+TINY = [
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.DINO.HIDDEN_DIM",
+    "64",
+    "MODEL.DINO.DIM_FEEDFORWARD",
+    "64",
+    "MODEL.DINO.ENC_LAYERS",
+    "1",
+    "MODEL.DINO.DEC_LAYERS",
+    "2",
+    "MODEL.DINO.NUM_QUERIES",
+    "20",
+    "MODEL.DINO.NUM_SELECT",
+    "20",
+    "MODEL.DINO.DN_NUMBER",
+    "0",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "INPUT.MAX_SIZE_TEST",
+    "96",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +52,15 @@ def _sample(boxes, classes, file_name=None):
     return {**sample, "file_name": file_name} if file_name else sample
 
 
-@pytest.mark.parametrize("boxes, classes, message", [
-    ([[4, 4, 30, 30]], [-1], r"image a\.png: ground-truth class -1 \(instance 0\) is outside \[0, 4\)"),
-    ([[4, 4, 30, 30], [1, 1, 9, 9]], [0, 4], r"image a\.png: ground-truth class 4 \(instance 1\)"),
-    ([[30, 4, 4, 30]], [1], r"image a\.png: ground-truth box \[30.0, 4.0, 4.0, 30.0\].*positive width and height"),
-    ([[4, 4, float("nan"), 30]], [1], r"image a\.png: ground-truth box \[4.0, 4.0, nan, 30.0\].*must be finite"),
-])
+@pytest.mark.parametrize(
+    "boxes, classes, message",
+    [
+        ([[4, 4, 30, 30]], [-1], r"image a\.png: ground-truth class -1 \(instance 0\) is outside \[0, 4\)"),
+        ([[4, 4, 30, 30], [1, 1, 9, 9]], [0, 4], r"image a\.png: ground-truth class 4 \(instance 1\)"),
+        ([[30, 4, 4, 30]], [1], r"image a\.png: ground-truth box \[30.0, 4.0, 4.0, 30.0\].*positive width and height"),
+        ([[4, 4, float("nan"), 30]], [1], r"image a\.png: ground-truth box \[4.0, 4.0, nan, 30.0\].*must be finite"),
+    ],
+)
 def test_training_targets_are_validated(cfg, boxes, classes, message):
     model = build_model(cfg).train()
     with pytest.raises(ValueError, match=message):
@@ -66,14 +88,17 @@ def test_image_conversions():
     assert to_bgr_uint8(bgr) is bgr
 
 
-@pytest.mark.parametrize("image, message", [
-    (np.zeros((0, 0, 3), np.uint8), r"empty image of shape \(0, 0, 3\)"),
-    (np.full((40, 40, 3), np.nan, np.float32), "4800 NaN/Inf values"),
-    (np.full((40, 40, 3), 300.0), r"values in \[300, 300\]: expected \[0, 1\] or \[0, 255\]"),
-    (np.zeros((40, 40, 2), np.uint8), r"shape \(40, 40, 2\): expected \(H, W\)"),
-    (np.zeros((40, 40, 3), np.int32), "dtype int32: expected uint8, uint16 or float"),
-    (np.zeros((1, 5000, 3), np.uint8), r"1x5000 pixels is too small or too elongated.*becomes 0x96.*at least 32"),
-])
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((0, 0, 3), np.uint8), r"empty image of shape \(0, 0, 3\)"),
+        (np.full((40, 40, 3), np.nan, np.float32), "4800 NaN/Inf values"),
+        (np.full((40, 40, 3), 300.0), r"values in \[300, 300\]: expected \[0, 1\] or \[0, 255\]"),
+        (np.zeros((40, 40, 2), np.uint8), r"shape \(40, 40, 2\): expected \(H, W\)"),
+        (np.zeros((40, 40, 3), np.int32), "dtype int32: expected uint8, uint16 or float"),
+        (np.zeros((1, 5000, 3), np.uint8), r"1x5000 pixels is too small or too elongated.*becomes 0x96.*at least 32"),
+    ],
+)
 def test_predictor_refuses_unusable_images(cfg, image, message):
     with pytest.raises(ValueError, match=message):
         DinoPredictor(cfg)(image)
@@ -104,8 +129,9 @@ def test_16_bit_image_files_are_scaled_not_saturated(cfg, tmp_path):
 
     deep = (np.random.default_rng(0).random((48, 64, 3)) * 65535).astype(np.uint16)
     cv2.imwrite(str(tmp_path / "deep.png"), deep)
-    drawn = visualize_predictions(DinoPredictor(cfg), [tmp_path / "deep.png"], str(tmp_path / "vis"),
-                                  score_threshold=1.1)  # nothing drawn over the image
+    drawn = visualize_predictions(
+        DinoPredictor(cfg), [tmp_path / "deep.png"], str(tmp_path / "vis"), score_threshold=1.1
+    )  # nothing drawn over the image
     # PIL reduces 16-bit RGB to 8 bit by its high byte: within one level of the exact scaling.
     difference = cv2.imread(drawn[0]).astype(int) - np.rint(deep / 257.0).astype(int)
     assert np.abs(difference).max() <= 1

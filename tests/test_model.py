@@ -23,11 +23,32 @@ def load_cfg(path=os.path.join(REPO, "configs", "dino_r50_4scale.yaml"), opts=()
 
 
 TINY = [
-    "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.RESNETS.NORM", "GN",
-    "MODEL.BACKBONE.FREEZE_AT", 0, "MODEL.DINO.HIDDEN_DIM", 64, "MODEL.DINO.NHEADS", 4,
-    "MODEL.DINO.ENC_LAYERS", 2, "MODEL.DINO.DEC_LAYERS", 3, "MODEL.DINO.DIM_FEEDFORWARD", 128,
-    "MODEL.DINO.NUM_QUERIES", 30, "MODEL.DINO.NUM_SELECT", 20, "MODEL.DINO.NUM_CLASSES", 3,
-    "MODEL.DINO.DN_NUMBER", 10,
+    "MODEL.RESNETS.DEPTH",
+    18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    64,
+    "MODEL.RESNETS.NORM",
+    "GN",
+    "MODEL.BACKBONE.FREEZE_AT",
+    0,
+    "MODEL.DINO.HIDDEN_DIM",
+    64,
+    "MODEL.DINO.NHEADS",
+    4,
+    "MODEL.DINO.ENC_LAYERS",
+    2,
+    "MODEL.DINO.DEC_LAYERS",
+    3,
+    "MODEL.DINO.DIM_FEEDFORWARD",
+    128,
+    "MODEL.DINO.NUM_QUERIES",
+    30,
+    "MODEL.DINO.NUM_SELECT",
+    20,
+    "MODEL.DINO.NUM_CLASSES",
+    3,
+    "MODEL.DINO.DN_NUMBER",
+    10,
 ]
 
 
@@ -49,7 +70,7 @@ def shapes_image(h, w, boxes):
     image = torch.full((3, h, w), 30, dtype=torch.uint8)
     colours = [(250, 60, 60), (60, 250, 60), (60, 60, 250)]
     for (x0, y0, x1, y1), c in zip(boxes, itertools.cycle(colours)):
-        image[:, int(y0):int(y1), int(x0):int(x1)] = torch.tensor(c, dtype=torch.uint8)[:, None, None]
+        image[:, int(y0) : int(y1), int(x0) : int(x1)] = torch.tensor(c, dtype=torch.uint8)[:, None, None]
     return image
 
 
@@ -89,8 +110,10 @@ def test_parameter_count_matches_official():
         (["MODEL.DINO.IN_FEATURES", ["res3", "res6"]], "MODEL.DINO.IN_FEATURES"),
         (["MODEL.DINO.NUM_SELECT", 10**6], "MODEL.DINO.NUM_SELECT"),
         (["MODEL.DINO.ENCODER_CPU_CHUNK_SIZE", -1], "MODEL.DINO.ENCODER_CPU_CHUNK_SIZE"),
-        (["MODEL.DINO.COST_CLASS", 0.0, "MODEL.DINO.COST_BBOX", 0.0, "MODEL.DINO.COST_GIOU", 0.0],
-         "MODEL.DINO.COST_CLASS"),
+        (
+            ["MODEL.DINO.COST_CLASS", 0.0, "MODEL.DINO.COST_BBOX", 0.0, "MODEL.DINO.COST_GIOU", 0.0],
+            "MODEL.DINO.COST_CLASS",
+        ),
     ],
 )
 def test_bad_config_names_the_key(opts, key):
@@ -152,8 +175,12 @@ def test_batch_mixing_images_with_and_without_boxes():
 def test_eval_rescales_to_requested_size():
     model = tiny_model().eval()
     with torch.no_grad():
-        out = model([{"image": torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8), "height": 128, "width": 192},
-                     {"image": torch.randint(0, 256, (3, 80, 60), dtype=torch.uint8)}])
+        out = model(
+            [
+                {"image": torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8), "height": 128, "width": 192},
+                {"image": torch.randint(0, 256, (3, 80, 60), dtype=torch.uint8)},
+            ]
+        )
     assert out[0]["instances"].image_size == (128, 192)
     assert out[1]["instances"].image_size == (80, 60)
     assert len(out[0]["instances"]) <= 20
@@ -197,8 +224,14 @@ def test_overfits_two_images():
 def test_timm_backbone_builds_and_runs():
     pytest.importorskip("timm")
     model = tiny_model(
-        "MODEL.BACKBONE.NAME", "build_timm_backbone", "MODEL.TIMM.NAME", "tf_mobilenetv3_small_075",
-        "MODEL.TIMM.OUT_INDICES", [1, 2, 3], "MODEL.DINO.IN_FEATURES", ["timm_feat1", "timm_feat2", "timm_feat3"],
+        "MODEL.BACKBONE.NAME",
+        "build_timm_backbone",
+        "MODEL.TIMM.NAME",
+        "tf_mobilenetv3_small_075",
+        "MODEL.TIMM.OUT_INDICES",
+        [1, 2, 3],
+        "MODEL.DINO.IN_FEATURES",
+        ["timm_feat1", "timm_feat2", "timm_feat3"],
     )
     model.eval()
     with torch.no_grad():

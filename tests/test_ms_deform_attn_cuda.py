@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference, native_extension_available
+
 from msda_inputs import float32_tolerances, make_inputs, random_case
 
 
@@ -59,8 +60,11 @@ def test_cpu_and_cuda_agree_float32(cuda, batch):
     cpu = ms_deform_attn(*inputs)
     grad_out = torch.randn_like(cpu)
     bounds = float32_tolerances(inputs, grad_out)
-    results = zip((cpu,) + _grads(ms_deform_attn, inputs, grad_out),
-                  (cuda.op(*cuda.to(inputs)),) + _grads(cuda.op, cuda.to(inputs), cuda.to((grad_out,))[0]), bounds)
+    results = zip(
+        (cpu,) + _grads(ms_deform_attn, inputs, grad_out),
+        (cuda.op(*cuda.to(inputs)),) + _grads(cuda.op, cuda.to(inputs), cuda.to((grad_out,))[0]),
+        bounds,
+    )
     for name, (c, g, bound) in zip(("output", "grad_value", "grad_loc", "grad_attn"), results):
         excess = (g.cpu().double() - c.double()).abs() - bound
         assert excess.max() <= 0, f"{name}: {int((excess > 0).sum())} elements beyond float32 rounding"
@@ -71,19 +75,26 @@ def test_cpu_and_cuda_agree_float32(cuda, batch):
 def test_half_precision_against_float32(cuda, dtype, tol, loc_dtype):
     """Half-precision value (with half or float32 locations and weights) against float32 on the
     same, rounded inputs: what remains is the rounding of the results, not of the inputs."""
-    inputs = cuda.to(make_inputs(2, [[20, 30], [10, 15], [5, 8], [3, 4]], 8, 32, 40, 4, dtype=torch.float32,
-                                 seed=3, locations="smooth"))
+    inputs = cuda.to(
+        make_inputs(
+            2, [[20, 30], [10, 15], [5, 8], [3, 4]], 8, 32, 40, 4, dtype=torch.float32, seed=3, locations="smooth"
+        )
+    )
     loc_dtype = dtype if loc_dtype == "same" else loc_dtype
-    half_inputs = tuple(t.to(dtype if i == 0 else loc_dtype) if t.is_floating_point() else t
-                        for i, t in enumerate(inputs))
+    half_inputs = tuple(
+        t.to(dtype if i == 0 else loc_dtype) if t.is_floating_point() else t for i, t in enumerate(inputs)
+    )
     rounded = tuple(t.float() if t.is_floating_point() else t for t in half_inputs)
     full = cuda.op(*rounded)
     half = cuda.op(*half_inputs)
     assert half.dtype == dtype
     torch.testing.assert_close(half.float(), full, rtol=tol, atol=tol * 1e-3)
     grad_out = torch.randn_like(full).to(dtype)
-    for h, f, t in zip(_grads(cuda.op, half_inputs, grad_out), _grads(cuda.op, rounded, grad_out.float()),
-                       half_inputs[0:1] + half_inputs[3:]):
+    for h, f, t in zip(
+        _grads(cuda.op, half_inputs, grad_out),
+        _grads(cuda.op, rounded, grad_out.float()),
+        half_inputs[0:1] + half_inputs[3:],
+    ):
         assert h.dtype == t.dtype and torch.isfinite(h).all()
         torch.testing.assert_close(h.float(), f, rtol=tol, atol=tol * 1e-3 * f.abs().max())
 

@@ -8,15 +8,19 @@ import pytest
 import torch
 
 from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference
-from msda_inputs import level_layout, make_inputs
+
+from msda_inputs import make_inputs
 
 
-@pytest.mark.parametrize("kind,error", [
-    (1, "omits the calling lane"),
-    (2, "which has exited"),
-    (3, "divergent shuffle"),
-    (4, "outside shuffle mask"),
-])
+@pytest.mark.parametrize(
+    "kind,error",
+    [
+        (1, "omits the calling lane"),
+        (2, "which has exited"),
+        (3, "divergent shuffle"),
+        (4, "outside shuffle mask"),
+    ],
+)
 def test_emulator_rejects_what_is_undefined_on_a_gpu(cuda_emulation, kind, error):
     """The emulator's warp rules themselves: a correct xor reduction sums its warp; a shuffle mask
     without the caller, naming an exited lane, split over two calls, or read outside is an error."""
@@ -33,8 +37,9 @@ def _check_float64(emu, inputs, seed=0):
     torch.testing.assert_close(out, ms_deform_attn_reference(*inputs), rtol=1e-9, atol=1e-9)
     grad_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     ref_inputs = tuple(t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in inputs)
-    ref = torch.autograd.grad(ms_deform_attn_reference(*ref_inputs), (ref_inputs[0], ref_inputs[3], ref_inputs[4]),
-                              grad_out)
+    ref = torch.autograd.grad(
+        ms_deform_attn_reference(*ref_inputs), (ref_inputs[0], ref_inputs[3], ref_inputs[4]), grad_out
+    )
     for got, want in zip(emu.backward(grad_out, *inputs), ref):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
     assert out.shape == (value.shape[0], inputs[3].shape[1], value.shape[2] * value.shape[3])
@@ -47,8 +52,7 @@ def test_grid_stride_tails(cuda_emulation, max_blocks, channels):
     with a partial last round."""
     emu = cuda_emulation(max_blocks=max_blocks)
     heads, queries = 3, 37  # 2 * 37 * 3 = 222 groups: 1.7 .. 111 blocks' worth
-    inputs = make_inputs(2, [[5, 4], [2, 3], [1, 1]], heads, channels, queries, 2, seed=max_blocks,
-                         locations="smooth")
+    inputs = make_inputs(2, [[5, 4], [2, 3], [1, 1]], heads, channels, queries, 2, seed=max_blocks, locations="smooth")
     _check_float64(emu, inputs, seed=channels)
 
 
@@ -89,9 +93,9 @@ def _bad_layouts():
     yield [[4, 4], [0, 2]], [0, 16], 16  # empty level
     yield [[3, 4], [-2, -2]], [0, 12], 16
     yield [[3, 4]], [0], 13  # sums to less than S
-    yield [[2 ** 62 + 1, 4]], [0], 4  # H * W wraps around 2**64 to 4
-    yield [[2 ** 32, 2 ** 32], [2, 2]], [0, 0], 4  # the first level's size wraps to 0
-    yield [[2, 2], [2 ** 31, 2 ** 33]], [0, 4], 4
+    yield [[2**62 + 1, 4]], [0], 4  # H * W wraps around 2**64 to 4
+    yield [[2**32, 2**32], [2, 2]], [0, 0], 4  # the first level's size wraps to 0
+    yield [[2, 2], [2**31, 2**33]], [0, 4], 4
 
 
 @pytest.mark.parametrize("layout", list(_bad_layouts()), ids=str)

@@ -4,12 +4,12 @@ CPU: the training command's configs/dino_r50_4scale.yaml becomes configs/dino_de
 :data:`SMALL` (small images, a few iterations; the later commands read the run's config.yaml), and
 weights/dino_r50_4scale_12ep.pth is a 4-class demo-sized checkpoint this test writes, so the
 fine-tuning path (class heads re-initialised) is what runs."""
+
 import json
 import logging
 import os
 import re
 import shlex
-import sys
 
 import cv2
 import numpy as np
@@ -22,19 +22,51 @@ from dino_detr.engine import DinoTrainer
 
 from train_utils import REPO
 
-SPEC = DemoSpec(seed=5, splits={"train": 8, "val": 4}, min_side=128, max_side=160, max_objects=3,
-                empty_fraction=0.0, min_object_size=32.0, max_object_size=72.0)
-SMALL = ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "200",
-         "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "200", "MODEL.DINO.NUM_QUERIES", "30",
-         "MODEL.DINO.NUM_SELECT", "30", "MODEL.DINO.DN_NUMBER", "10", "SOLVER.IMS_PER_BATCH", "2",
-         "SOLVER.MAX_ITER", "3", "SOLVER.STEPS", "(2,)", "SOLVER.WARMUP_ITERS", "1", "TEST.EVAL_PERIOD", "0"]
+SPEC = DemoSpec(
+    seed=5,
+    splits={"train": 8, "val": 4},
+    min_side=128,
+    max_side=160,
+    max_objects=3,
+    empty_fraction=0.0,
+    min_object_size=32.0,
+    max_object_size=72.0,
+)
+SMALL = [
+    "MODEL.DEVICE",
+    "cpu",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(128,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "200",
+    "INPUT.MIN_SIZE_TEST",
+    "128",
+    "INPUT.MAX_SIZE_TEST",
+    "200",
+    "MODEL.DINO.NUM_QUERIES",
+    "30",
+    "MODEL.DINO.NUM_SELECT",
+    "30",
+    "MODEL.DINO.DN_NUMBER",
+    "10",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.MAX_ITER",
+    "3",
+    "SOLVER.STEPS",
+    "(2,)",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "TEST.EVAL_PERIOD",
+    "0",
+]
 DEMO_CONFIG = str(REPO / "configs" / "dino_demo.yaml")
 
 
 def readme_commands():
     """The commands of the first ``bash`` block of the README's "Your own dataset" section, as argv lists."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Your own dataset"):]
+    section = text[text.index("## Your own dataset") :]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
     return [shlex.split(line) for line in lines]
@@ -89,8 +121,12 @@ def test_readme_commands_train_evaluate_and_visualise(tmp_path, monkeypatch, cap
     assert os.path.isfile("output/mine/model_final.pth")
     reinitialised = re.findall(r"^  (\S+): checkpoint \((\d+), 128\)", caplog.text, re.M)
     assert sorted({name for name, _ in reinitialised}) == [  # (logged once; set: caplog may see it twice)
-        "class_embed.0.weight", "class_embed.1.weight", "class_embed.2.weight", "label_enc.weight",
-        "transformer.enc_out_class_embed.weight"]
+        "class_embed.0.weight",
+        "class_embed.1.weight",
+        "class_embed.2.weight",
+        "label_enc.weight",
+        "transformer.enc_out_class_embed.weight",
+    ]
     assert "class_embed.0.bias: checkpoint (4,), model (3,)" in caplog.text
     assert "Dataset 'mine_train': 8 images" in caplog.text
 
@@ -110,12 +146,27 @@ def test_num_classes_mismatch_stops_before_training(tmp_path, monkeypatch):
     _write_dataset(root)
     import train_net
 
-    args = train_net.argument_parser().parse_args([
-        "--config-file", DEMO_CONFIG, "--dataset",
-        f"mismatch_train={root / 'annotations' / 'train.json'}:{root / 'train'}",
-        "DATASETS.TRAIN", "('mismatch_train',)", "DATASETS.TEST", "()", "MODEL.DINO.NUM_CLASSES", "2",
-        "OUTPUT_DIR", str(tmp_path / "out"), *SMALL])
-    with pytest.raises(ValueError, match=r"MODEL.DINO.NUM_CLASSES is 2 but the training dataset 'mismatch_train' has 3 "
-                                         r"categories .*set MODEL.DINO.NUM_CLASSES 3"):
+    args = train_net.argument_parser().parse_args(
+        [
+            "--config-file",
+            DEMO_CONFIG,
+            "--dataset",
+            f"mismatch_train={root / 'annotations' / 'train.json'}:{root / 'train'}",
+            "DATASETS.TRAIN",
+            "('mismatch_train',)",
+            "DATASETS.TEST",
+            "()",
+            "MODEL.DINO.NUM_CLASSES",
+            "2",
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+            *SMALL,
+        ]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"MODEL.DINO.NUM_CLASSES is 2 but the training dataset 'mismatch_train' has 3 "
+        r"categories .*set MODEL.DINO.NUM_CLASSES 3",
+    ):
         train_net.main(args)
     assert not os.path.exists(tmp_path / "out" / "model_final.pth")

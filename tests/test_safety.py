@@ -1,6 +1,7 @@
 """Nothing executes, nothing is lost: safe weight loading (payload files through tools/demo.py and
 tools/train_net.py --eval-only), the fit rule, crash-safe checkpoints and resume, the OUTPUT_DIR
 lock, and the messages of config / CLI mistakes."""
+
 import collections
 import importlib.util
 import logging
@@ -33,9 +34,24 @@ from dino_detr.engine.nan_guard import check_finite_grad_norm
 from train_utils import REPO
 
 DEMO_CONFIG = str(REPO / "configs" / "dino_demo.yaml")
-TINY = ["MODEL.DEVICE", "cpu", "MODEL.DINO.HIDDEN_DIM", "64", "MODEL.DINO.DIM_FEEDFORWARD", "64",
-        "MODEL.DINO.ENC_LAYERS", "1", "MODEL.DINO.DEC_LAYERS", "2", "MODEL.DINO.NUM_QUERIES", "20",
-        "MODEL.DINO.NUM_SELECT", "20", "MODEL.DINO.DN_NUMBER", "4"]
+TINY = [
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.DINO.HIDDEN_DIM",
+    "64",
+    "MODEL.DINO.DIM_FEEDFORWARD",
+    "64",
+    "MODEL.DINO.ENC_LAYERS",
+    "1",
+    "MODEL.DINO.DEC_LAYERS",
+    "2",
+    "MODEL.DINO.NUM_QUERIES",
+    "20",
+    "MODEL.DINO.NUM_SELECT",
+    "20",
+    "MODEL.DINO.DN_NUMBER",
+    "4",
+]
 
 
 def _tool(name):
@@ -86,13 +102,38 @@ def test_payload_in_weights_runs_no_code_through_the_tools(tmp_path, suffix, mon
     cv2.imwrite(str(image), np.full((64, 64, 3), 127, np.uint8))
 
     with pytest.raises(UnsafeCheckpointError, match=f"evil{suffix}.*{TRUSTED_WEIGHTS_ENV}="):
-        _tool("demo").main(["--config-file", DEMO_CONFIG, "--input", str(image), "--output", str(tmp_path / "vis"),
-                            *TINY, "MODEL.WEIGHTS", str(weights)])
+        _tool("demo").main(
+            [
+                "--config-file",
+                DEMO_CONFIG,
+                "--input",
+                str(image),
+                "--output",
+                str(tmp_path / "vis"),
+                *TINY,
+                "MODEL.WEIGHTS",
+                str(weights),
+            ]
+        )
     assert not marker.exists()
 
     train_net = _tool("train_net")
-    args = _tool("train_net").argument_parser().parse_args(["--config-file", DEMO_CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS",
-                                                 str(weights), "OUTPUT_DIR", str(tmp_path / "eval")])
+    args = (
+        _tool("train_net")
+        .argument_parser()
+        .parse_args(
+            [
+                "--config-file",
+                DEMO_CONFIG,
+                "--eval-only",
+                *TINY,
+                "MODEL.WEIGHTS",
+                str(weights),
+                "OUTPUT_DIR",
+                str(tmp_path / "eval"),
+            ]
+        )
+    )
     with pytest.raises(UnsafeCheckpointError, match=f"evil{suffix}"):
         train_net.main(args)
     assert not marker.exists()
@@ -116,8 +157,11 @@ def test_model_zoo_pickles_load(tmp_path):
     for protocol in (2, 4, 5):
         path = tmp_path / f"zoo{protocol}.pkl"
         with open(path, "wb") as f:
-            pickle.dump({"model": arrays, "__author__": "Detectron2 Model Zoo", "matching_heuristics": False}, f,
-                        protocol=protocol)
+            pickle.dump(
+                {"model": arrays, "__author__": "Detectron2 Model Zoo", "matching_heuristics": False},
+                f,
+                protocol=protocol,
+            )
         other = _Toy()
         SafeCheckpointer(other).load(str(path))
         assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
@@ -137,8 +181,22 @@ def test_checkpoint_that_does_not_fit_is_refused(demo_cfg, tmp_path):
     message = r"resnet18.pth does not fit.*supplied 0 of the model's \d+ tensors.*backbone\.stem.*conv1.weight"
     with pytest.raises(ValueError, match=message):
         DefaultPredictor(cfg)
-    args = _tool("train_net").argument_parser().parse_args(["--config-file", DEMO_CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS",
-                                                 cfg.MODEL.WEIGHTS, "OUTPUT_DIR", str(tmp_path / "eval")])
+    args = (
+        _tool("train_net")
+        .argument_parser()
+        .parse_args(
+            [
+                "--config-file",
+                DEMO_CONFIG,
+                "--eval-only",
+                *TINY,
+                "MODEL.WEIGHTS",
+                cfg.MODEL.WEIGHTS,
+                "OUTPUT_DIR",
+                str(tmp_path / "eval"),
+            ]
+        )
+    )
     with pytest.raises(ValueError, match=message):
         _tool("train_net").main(args)
 
@@ -228,12 +286,19 @@ _HOLD_LOCK = textwrap.dedent("""
 def test_one_training_per_output_dir(tmp_path):
     output_dir = tmp_path / "run"
     lock = output_dir / "run.lock"
-    child = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(REPO / "dino_detr" / "engine" / "run_lock.py"),
-                              str(output_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(REPO / "dino_detr" / "engine" / "run_lock.py"), str(output_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "locked"
-        args = _tool("train_net").argument_parser().parse_args(["--config-file", DEMO_CONFIG, *TINY,
-                                                     "OUTPUT_DIR", str(output_dir)])
+        args = (
+            _tool("train_net")
+            .argument_parser()
+            .parse_args(["--config-file", DEMO_CONFIG, *TINY, "OUTPUT_DIR", str(output_dir)])
+        )
         with pytest.raises(OutputDirInUseError, match=f"in use by process {child.pid} on .*run.lock"):
             _tool("train_net").main(args)
         assert not (output_dir / "config.yaml").exists()
@@ -270,7 +335,11 @@ def test_config_and_cli_mistakes_are_named(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.yaml is empty"):
         get_dino_cfg(empty)
-    args = _tool("train_net").argument_parser().parse_args(["--config-file", DEMO_CONFIG, "OUTPUT_DIR", str(tmp_path), "--resume"])
+    args = (
+        _tool("train_net")
+        .argument_parser()
+        .parse_args(["--config-file", DEMO_CONFIG, "OUTPUT_DIR", str(tmp_path), "--resume"])
+    )
     with pytest.raises(ValueError, match="'--resume' is among the KEY VALUE config overrides.*before them"):
         _tool("train_net").main(args)
     benchmark = _tool("benchmark")

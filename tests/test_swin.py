@@ -1,6 +1,7 @@
 """The Swin Transformer backbone: configs (Swin-L parameter count of the official model), any input
 size, the shifted-window mask, activation checkpointing, freezing, and a few training iterations of
 DINO with a tiny Swin."""
+
 import os
 
 import pytest
@@ -18,8 +19,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_STAGES = ["swin0", "swin1", "swin2", "swin3"]
 # A Swin small enough for CI: widths 16..128, one or two blocks per stage, window 4.
 TINY_SWIN = [
-    "MODEL.SWIN.EMBED_DIM", 16, "MODEL.SWIN.DEPTHS", [1, 2, 2, 1], "MODEL.SWIN.NUM_HEADS", [1, 2, 2, 4],
-    "MODEL.SWIN.WINDOW_SIZE", 4,
+    "MODEL.SWIN.EMBED_DIM",
+    16,
+    "MODEL.SWIN.DEPTHS",
+    [1, 2, 2, 1],
+    "MODEL.SWIN.NUM_HEADS",
+    [1, 2, 2, 4],
+    "MODEL.SWIN.WINDOW_SIZE",
+    4,
 ]
 
 
@@ -58,7 +65,7 @@ def test_swinl_configs_match_official_parameter_count(name, total, levels):
     assert sum(p.numel() for p in model.backbone.parameters()) == (195_200_820 if levels == 4 else 195_201_204)
     assert len(model.input_proj) == levels
     shapes = model.backbone.output_shape()
-    assert [shapes[f].channels for f in ALL_STAGES[5 - levels:]] == [192, 384, 768, 1536][5 - levels:]
+    assert [shapes[f].channels for f in ALL_STAGES[5 - levels :]] == [192, 384, 768, 1536][5 - levels :]
     assert all(b.attn.window == 12 for stage in model.backbone.layers for b in stage.blocks)
 
 
@@ -66,7 +73,9 @@ def test_swint_config_builds():
     model = meta_model("dino_swint_4scale.yaml")
     shapes = model.backbone.output_shape()
     assert [(shapes[f].channels, shapes[f].stride) for f in ALL_STAGES[1:]] == [(192, 8), (384, 16), (768, 32)]
-    assert sum(p.numel() for p in model.backbone.parameters()) == 27_520_506  # official swin_T_224_1k with out_indices (1, 2, 3)
+    assert (
+        sum(p.numel() for p in model.backbone.parameters()) == 27_520_506
+    )  # official swin_T_224_1k with out_indices (1, 2, 3)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (37, 61), (130, 97)])
@@ -114,9 +123,14 @@ def test_activation_checkpointing_same_gradients():
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("freeze_at, frozen_prefixes", [
-    (0, ()), (1, ("patch_embed.",)), (3, ("patch_embed.", "layers.0.", "layers.1.", "norm0.", "norm1.")),
-])
+@pytest.mark.parametrize(
+    "freeze_at, frozen_prefixes",
+    [
+        (0, ()),
+        (1, ("patch_embed.",)),
+        (3, ("patch_embed.", "layers.0.", "layers.1.", "norm0.", "norm1.")),
+    ],
+)
 def test_freeze_at(freeze_at, frozen_prefixes):
     model = tiny_swin(freeze_at=freeze_at).train()
     for name, p in model.named_parameters():
@@ -125,12 +139,15 @@ def test_freeze_at(freeze_at, frozen_prefixes):
     assert [stage.training for stage in model.layers] == [False] * frozen_stages + [True] * (4 - frozen_stages)
 
 
-@pytest.mark.parametrize("opts, key", [
-    (["MODEL.SWIN.DEPTHS", [2, 2, 6]], "MODEL.SWIN.DEPTHS"),
-    (["MODEL.SWIN.OUT_FEATURES", ["swin1", "res4"]], "MODEL.SWIN.OUT_FEATURES"),
-    (["MODEL.SWIN.NUM_HEADS", [5, 6, 12, 24]], "MODEL.SWIN"),
-    (["MODEL.BACKBONE.FREEZE_AT", 6], "MODEL.BACKBONE.FREEZE_AT"),
-])
+@pytest.mark.parametrize(
+    "opts, key",
+    [
+        (["MODEL.SWIN.DEPTHS", [2, 2, 6]], "MODEL.SWIN.DEPTHS"),
+        (["MODEL.SWIN.OUT_FEATURES", ["swin1", "res4"]], "MODEL.SWIN.OUT_FEATURES"),
+        (["MODEL.SWIN.NUM_HEADS", [5, 6, 12, 24]], "MODEL.SWIN"),
+        (["MODEL.BACKBONE.FREEZE_AT", 6], "MODEL.BACKBONE.FREEZE_AT"),
+    ],
+)
 def test_bad_swin_config_names_the_key(opts, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_model(cfg_of("dino_swint_4scale.yaml", TINY_SWIN + opts))
@@ -146,15 +163,58 @@ def test_swin_config_trains_a_few_iterations(name, tmp_path):
     """The Swin-L config with a tiny Swin (activation checkpointing on, as configured) runs DinoTrainer
     for 3 iterations: finite losses, and the backbone's weights move."""
     dataset = ci_dataset(tmp_path / "shapes")
-    cfg = cfg_of(name, TINY_SWIN + [
-        "MODEL.DINO.HIDDEN_DIM", 64, "MODEL.DINO.NHEADS", 4, "MODEL.DINO.ENC_LAYERS", 1, "MODEL.DINO.DEC_LAYERS", 2,
-        "MODEL.DINO.DIM_FEEDFORWARD", 128, "MODEL.DINO.NUM_QUERIES", 30, "MODEL.DINO.NUM_SELECT", 30,
-        "MODEL.DINO.DN_NUMBER", 10, "MODEL.DINO.NUM_CLASSES", 4, "DATASETS.TRAIN", (dataset,), "DATASETS.TEST", (),
-        "INPUT.MIN_SIZE_TRAIN", (96,), "INPUT.MAX_SIZE_TRAIN", 128, "INPUT.DETR_CROP.ENABLED", False,
-        "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 3, "SOLVER.STEPS", (), "SOLVER.CHECKPOINT_PERIOD", 100,
-        "SOLVER.BACKBONE_MULTIPLIER", 1.0, "TEST.EVAL_PERIOD", 0, "DATALOADER.NUM_WORKERS", 0,
-        "OUTPUT_DIR", str(tmp_path / "out"), "SEED", 0,
-    ])
+    cfg = cfg_of(
+        name,
+        TINY_SWIN
+        + [
+            "MODEL.DINO.HIDDEN_DIM",
+            64,
+            "MODEL.DINO.NHEADS",
+            4,
+            "MODEL.DINO.ENC_LAYERS",
+            1,
+            "MODEL.DINO.DEC_LAYERS",
+            2,
+            "MODEL.DINO.DIM_FEEDFORWARD",
+            128,
+            "MODEL.DINO.NUM_QUERIES",
+            30,
+            "MODEL.DINO.NUM_SELECT",
+            30,
+            "MODEL.DINO.DN_NUMBER",
+            10,
+            "MODEL.DINO.NUM_CLASSES",
+            4,
+            "DATASETS.TRAIN",
+            (dataset,),
+            "DATASETS.TEST",
+            (),
+            "INPUT.MIN_SIZE_TRAIN",
+            (96,),
+            "INPUT.MAX_SIZE_TRAIN",
+            128,
+            "INPUT.DETR_CROP.ENABLED",
+            False,
+            "SOLVER.IMS_PER_BATCH",
+            2,
+            "SOLVER.MAX_ITER",
+            3,
+            "SOLVER.STEPS",
+            (),
+            "SOLVER.CHECKPOINT_PERIOD",
+            100,
+            "SOLVER.BACKBONE_MULTIPLIER",
+            1.0,
+            "TEST.EVAL_PERIOD",
+            0,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+            "SEED",
+            0,
+        ],
+    )
     assert cfg.MODEL.SWIN.USE_CHECKPOINT
     seed_all_rng(0)
     trainer = DinoTrainer(cfg)

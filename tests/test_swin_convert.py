@@ -4,6 +4,7 @@ classifier: every tensor placed or explained, buffers checked, strict loading, f
 Source checkpoints are random tensors with the names and shapes of the real models, read from the
 manifests in ``tests/manifests`` (generated from IDEA-Research/DINO and
 microsoft/Swin-Transformer); derived buffers get the values those models compute."""
+
 import argparse
 import importlib.util
 import os
@@ -13,12 +14,11 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from test_convert_checkpoint import manifest, random_checkpoint
 
 from dino_detr import get_dino_cfg
 from dino_detr.checkpoint import check_against_model, convert_state_dict
 from dino_detr.modeling.swin import relative_position_index, shifted_window_mask
-
-from test_convert_checkpoint import manifest, random_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSIFIER = "swin_large_patch4_window12_384_22k"
@@ -72,8 +72,7 @@ def test_official_swinl_4scale_converts_and_loads_strictly(official_4scale, tmp_
         assert torch.equal(v, conv.state_dict[k]), k
     pairs = {
         "backbone.0.patch_embed.proj.weight": "backbone.patch_embed.proj.weight",
-        "backbone.0.layers.2.blocks.17.attn.relative_position_bias_table":
-            "backbone.layers.2.blocks.17.attn.relative_position_bias_table",
+        "backbone.0.layers.2.blocks.17.attn.relative_position_bias_table": "backbone.layers.2.blocks.17.attn.relative_position_bias_table",
         "backbone.0.layers.1.downsample.reduction.weight": "backbone.layers.1.downsample.reduction.weight",
         "backbone.0.norm3.bias": "backbone.norm3.bias",
         "input_proj.2.0.weight": "input_proj.2.0.weight",
@@ -108,12 +107,15 @@ def test_classifier_to_backbone(classifier):
     conv = convert_state_dict(classifier, "swin-imagenet")
     assert conv.backbone_only and conv.base_config == "configs/dino_swinl_4scale.yaml"
     assert all(k.startswith("backbone.") for k in conv.state_dict)
-    assert torch.equal(conv.state_dict["backbone.layers.3.blocks.1.mlp.fc2.bias"], classifier["layers.3.blocks.1.mlp.fc2.bias"])
+    assert torch.equal(
+        conv.state_dict["backbone.layers.3.blocks.1.mlp.fc2.bias"], classifier["layers.3.blocks.1.mlp.fc2.bias"]
+    )
     m = manifest(CLASSIFIER)
     derived = [k for k, _ in m["tensors"] if k.endswith(("relative_position_index", "attn_mask"))]
     assert len(derived) == 24 + 11  # an index per block; a mask per shifted block whose map exceeds the window
     assert set(conv.state_dict) == {"backbone." + k for k in classifier} - {
-        "backbone." + k for k in derived + ["head.weight", "head.bias", "norm.weight", "norm.bias"]}
+        "backbone." + k for k in derived + ["head.weight", "head.bias", "norm.weight", "norm.bias"]
+    }
     assert any("head.weight (21841, 1536)" in n for n in conv.notes)
     # the backbone of the 4- and 5-scale models, apart from their per-stage output norms
     for config in ("configs/dino_swinl_4scale.yaml", "configs/dino_swinl_5scale.yaml"):
@@ -141,7 +143,9 @@ def test_classifier_failures_name_the_tensor(classifier, official_4scale):
 
 
 def test_cli_converts_classifier_and_training_starts_from_it(classifier, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", os.path.join(REPO, "tools", "convert_checkpoint.py"))
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", os.path.join(REPO, "tools", "convert_checkpoint.py")
+    )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     src, out = tmp_path / "swin_22k.pth", tmp_path / "backbone.pth"
@@ -163,8 +167,14 @@ def test_backbone_weights_load_into_dino_with_detectron2(tmp_path):
     tiny = dict(embed_dim=16, depths=[1, 2, 2, 1], num_heads=[1, 2, 2, 4], window=4)
     body = SwinTransformer(**tiny, out_features=["swin3"]).state_dict()
     classifier = {k: v for k, v in body.items() if not k.startswith("norm3.")}
-    classifier.update({"norm.weight": torch.ones(128), "norm.bias": torch.zeros(128),
-                       "head.weight": torch.zeros(10, 128), "head.bias": torch.zeros(10)})
+    classifier.update(
+        {
+            "norm.weight": torch.ones(128),
+            "norm.bias": torch.zeros(128),
+            "head.weight": torch.zeros(10, 128),
+            "head.bias": torch.zeros(10),
+        }
+    )
     for i, depth in enumerate(tiny["depths"]):
         for j in range(depth):
             classifier[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = relative_position_index(4)

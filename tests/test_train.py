@@ -1,11 +1,11 @@
 """End-to-end training tests on a tiny demo dataset (CPU): learning, eval-only, predictor,
 resume, NaN stop, two-process gradients, the demo tool (images, video) and fine-tuning to other classes."""
-import logging
+
 import json
+import logging
 import math
 import os
 import socket
-import sys
 
 import cv2
 import numpy as np
@@ -21,7 +21,7 @@ import dino_detr.data  # noqa: F401
 from dino_detr.data import register_coco_dataset
 from dino_detr.engine import DinoTrainer
 
-from train_utils import REPO, ci_cfg, ci_dataset
+from train_utils import ci_cfg, ci_dataset
 
 # COCO bbox AP (%) on the 16 training images after TRAIN_ITERS steps, with configs/dino_demo.yaml's
 # BASE_LR 4e-4: measured 53.0 with the real model (2-core CPU, ~2 min) and 6.4 when the Hungarian
@@ -94,12 +94,16 @@ def _random_assignment(outputs, targets):
     return pairs
 
 
-@pytest.mark.skipif(os.environ.get("DINO_PROVE_AP_BAR") != "1",
-                    reason="proof that the AP bar catches broken matching; set DINO_PROVE_AP_BAR=1 (2-3 min)")
+@pytest.mark.skipif(
+    os.environ.get("DINO_PROVE_AP_BAR") != "1",
+    reason="proof that the AP bar catches broken matching; set DINO_PROVE_AP_BAR=1 (2-3 min)",
+)
 def test_random_matching_fails_the_bar(dataset, tmp_path, monkeypatch):
     from dino_detr.modeling.matcher import HungarianMatcher
 
-    monkeypatch.setattr(HungarianMatcher, "forward", lambda self, outputs, targets: _random_assignment(outputs, targets))
+    monkeypatch.setattr(
+        HungarianMatcher, "forward", lambda self, outputs, targets: _random_assignment(outputs, targets)
+    )
     _, results = _train(tmp_path)
     print(f"CI training AP with random matching: {results['bbox']['AP']:.1f}")
     assert results["bbox"]["AP"] < AP_BAR
@@ -113,7 +117,8 @@ def test_eval_only_reproduces_final_ap(trained, trained_cli, tmp_path):
 
     config_file, weights = trained_cli
     args = train_net.argument_parser().parse_args(
-        ["--config-file", config_file, "--eval-only", *weights, "OUTPUT_DIR", str(tmp_path / "eval_only")])
+        ["--config-file", config_file, "--eval-only", *weights, "OUTPUT_DIR", str(tmp_path / "eval_only")]
+    )
     again = train_net.main(args)
     assert again["bbox"]["AP"] == pytest.approx(results["bbox"]["AP"], abs=1e-6)
     assert (tmp_path / "eval_only" / "config.yaml").is_file()  # written by default_setup
@@ -134,11 +139,18 @@ def test_predictor_returns_instances_in_original_coordinates(trained, tmp_path):
     assert (boxes[:, 2] <= image.shape[1] + 1e-3).all() and (boxes[:, 3] <= image.shape[0] + 1e-3).all()
     # The same network input (both are resized to 128 px) gives boxes scaled by the factor 2.
     i, j = int(small_out.scores.argmax()), int(big_out.scores.argmax())
-    top_small, top_big = small_out[i:i + 1], big_out[j:j + 1]
+    top_small, top_big = small_out[i : i + 1], big_out[j : j + 1]
     assert torch.allclose(top_big.pred_boxes.tensor, 2 * top_small.pred_boxes.tensor, atol=4.0)
     # And the best detection sits on a ground-truth box of the original image.
-    gt = Boxes(torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                             for a in record["annotations"]], dtype=torch.float32))
+    gt = Boxes(
+        torch.tensor(
+            [
+                [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                for a in record["annotations"]
+            ],
+            dtype=torch.float32,
+        )
+    )
     assert pairwise_iou(top_small.pred_boxes, gt).max() > 0.5
 
 
@@ -161,8 +173,12 @@ def _final_state(trainer):
 
 def test_resume_equals_uninterrupted_run(dataset, tmp_path, one_thread):
     steps = 3
-    overrides = {"SOLVER.CHECKPOINT_PERIOD": steps, "SOLVER.IMS_PER_BATCH": 2, "SOLVER.WARMUP_ITERS": 2,
-                 "DATASETS.TEST": ()}
+    overrides = {
+        "SOLVER.CHECKPOINT_PERIOD": steps,
+        "SOLVER.IMS_PER_BATCH": 2,
+        "SOLVER.WARMUP_ITERS": 2,
+        "DATASETS.TEST": (),
+    }
     cfg = ci_cfg(tmp_path / "resumed", 2 * steps, **overrides)
     seed_all_rng(cfg.SEED)  # what default_setup does
     first = DinoTrainer(cfg)
@@ -244,22 +260,29 @@ def _fixed_size_batch(cfg, count: int, size: int = 128):
     for record in records:
         image = utils.read_image(record["file_name"], "RGB")
         transform = T.ResizeTransform(image.shape[0], image.shape[1], size, size)
-        annos = [utils.transform_instance_annotations(a, T.TransformList([transform]), (size, size))
-                 for a in record["annotations"]]
-        batch.append({"image": torch.as_tensor(np.ascontiguousarray(transform.apply_image(image).transpose(2, 0, 1))),
-                      "instances": utils.annotations_to_instances(annos, (size, size))})
+        annos = [
+            utils.transform_instance_annotations(a, T.TransformList([transform]), (size, size))
+            for a in record["annotations"]
+        ]
+        batch.append(
+            {
+                "image": torch.as_tensor(np.ascontiguousarray(transform.apply_image(image).transpose(2, 0, 1))),
+                "instances": utils.annotations_to_instances(annos, (size, size)),
+            }
+        )
     return batch
 
 
 def _ddp_worker(rank, world_size, port, cfg, batch, out_file):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         torch.manual_seed(0)
         model = DinoTrainer.build_model(cfg)
         ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-        shard = batch[rank * len(batch) // world_size:(rank + 1) * len(batch) // world_size]
+        shard = batch[rank * len(batch) // world_size : (rank + 1) * len(batch) // world_size]
         sum(ddp(shard).values()).backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out_file)
@@ -270,8 +293,15 @@ def _ddp_worker(rank, world_size, port, cfg, batch, out_file):
 def test_two_process_gradients_equal_single_process(dataset, tmp_path):
     # Deterministic denoising (no noise) and FrozenBN: every term then depends only on the
     # global batch, so averaged DDP gradients must equal the single-process ones.
-    cfg = ci_cfg(tmp_path, 1, **{"MODEL.RESNETS.NORM": "FrozenBN", "MODEL.DINO.DN_BOX_NOISE_SCALE": 0.0,
-                                 "MODEL.DINO.DN_LABEL_NOISE_RATIO": 0.0})
+    cfg = ci_cfg(
+        tmp_path,
+        1,
+        **{
+            "MODEL.RESNETS.NORM": "FrozenBN",
+            "MODEL.DINO.DN_BOX_NOISE_SCALE": 0.0,
+            "MODEL.DINO.DN_LABEL_NOISE_RATIO": 0.0,
+        },
+    )
     batch = _fixed_size_batch(cfg, 4)
     torch.manual_seed(0)
     model = DinoTrainer.build_model(cfg)
@@ -288,8 +318,11 @@ def test_two_process_gradients_equal_single_process(dataset, tmp_path):
 
 
 def test_ema_is_checkpointed_and_used_for_evaluation(dataset, tmp_path):
-    cfg = ci_cfg(tmp_path, 2, **{"MODEL_EMA.ENABLED": True, "MODEL_EMA.DECAY": 0.5, "DATASETS.TEST": (),
-                                  "SOLVER.IMS_PER_BATCH": 2})
+    cfg = ci_cfg(
+        tmp_path,
+        2,
+        **{"MODEL_EMA.ENABLED": True, "MODEL_EMA.DECAY": 0.5, "DATASETS.TEST": (), "SOLVER.IMS_PER_BATCH": 2},
+    )
     trainer = DinoTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -323,20 +356,48 @@ def test_demo_tool_visualizes_a_folder_and_names_missing_inputs(trained, trained
     cv2.imwrite(str(folder / "a.jpg"), image)
     cv2.imwrite(str(folder / "a.png"), image[:, ::-1])
     cv2.imwrite(str(tmp_path / "b.png"), image)
-    written = demo.main(["--config-file", config_file, "--input", str(folder), str(tmp_path / "b*.png"),
-                         "--output", str(tmp_path / "vis"), *weights])
+    written = demo.main(
+        [
+            "--config-file",
+            config_file,
+            "--input",
+            str(folder),
+            str(tmp_path / "b*.png"),
+            "--output",
+            str(tmp_path / "vis"),
+            *weights,
+        ]
+    )
     assert sorted(os.listdir(tmp_path / "vis")) == ["a.jpg.png", "a.png.png", "b.png"] and len(written) == 3
     drawn = cv2.imread(str(tmp_path / "vis" / "a.jpg.png"))
     assert drawn is not None and drawn.shape == image.shape
     assert not np.array_equal(drawn, cv2.imread(str(tmp_path / "vis" / "a.png.png")))
     with pytest.raises(FileNotFoundError, match="nope.png"):
-        demo.main(["--config-file", config_file, "--input", str(tmp_path / "nope.png"), "--output",
-                   str(tmp_path / "vis"), *weights])
+        demo.main(
+            [
+                "--config-file",
+                config_file,
+                "--input",
+                str(tmp_path / "nope.png"),
+                "--output",
+                str(tmp_path / "vis"),
+                *weights,
+            ]
+        )
     (tmp_path / "vis" / "b.png").unlink()
     (tmp_path / "vis" / "b.png").mkdir()  # cv2.imwrite cannot write there
     with pytest.raises(OSError, match="could not write .*b.png"):
-        demo.main(["--config-file", config_file, "--input", str(tmp_path / "b.png"), "--output",
-                   str(tmp_path / "vis"), *weights])
+        demo.main(
+            [
+                "--config-file",
+                config_file,
+                "--input",
+                str(tmp_path / "b.png"),
+                "--output",
+                str(tmp_path / "vis"),
+                *weights,
+            ]
+        )
     logging.getLogger("dino_detr.demo").addHandler(caplog.handler)
     demo.main(["--config-file", config_file, "--input", str(folder / "a.png"), "--output", str(tmp_path / "random")])
     assert "MODEL.WEIGHTS is empty: the model has random weights" in caplog.text
@@ -359,6 +420,7 @@ def test_demo_tool_writes_an_annotated_video(trained, trained_cli, tmp_path, cap
     records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:6]
     frames = [cv2.resize(cv2.imread(r["file_name"]), (160, 128)) for r in records]
     _write_video(tmp_path / "in.mp4", frames)
+
     def read_video(path):
         capture, frames_read = cv2.VideoCapture(path), []
         assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(5.0)
@@ -370,8 +432,19 @@ def test_demo_tool_writes_an_annotated_video(trained, trained_cli, tmp_path, cap
 
     drawn = {}
     for output, threshold in ((tmp_path / "out.avi", "0.0"), (tmp_path / "plain.avi", "1.1"), (tmp_path, "0.3")):
-        written = demo.main(["--config-file", config_file, "--video-input", str(tmp_path / "in.mp4"), "--output",
-                             str(output), "--confidence-threshold", threshold, *weights])
+        written = demo.main(
+            [
+                "--config-file",
+                config_file,
+                "--video-input",
+                str(tmp_path / "in.mp4"),
+                "--output",
+                str(output),
+                "--confidence-threshold",
+                threshold,
+                *weights,
+            ]
+        )
         drawn[written] = read_video(written)
         assert len(drawn[written]) == len(frames) and drawn[written][0].shape == frames[0].shape
         assert f"{len(frames)} frame(s) in" in capsys.readouterr().out
@@ -401,11 +474,14 @@ def two_class_subset(dataset, tmp_path_factory):
     meta = MetadataCatalog.get(dataset)
     source = json.loads(open(meta.json_file).read())
     for split in ("train", "val"):
-        data = {"categories": [c for c in source["categories"] if c["id"] in SUBSET_CATEGORIES],
-                "images": [i for i in source["images"] if (i["id"] in SUBSET_VAL_IDS) == (split == "val")]}
+        data = {
+            "categories": [c for c in source["categories"] if c["id"] in SUBSET_CATEGORIES],
+            "images": [i for i in source["images"] if (i["id"] in SUBSET_VAL_IDS) == (split == "val")],
+        }
         image_ids = {i["id"] for i in data["images"]}
-        data["annotations"] = [a for a in source["annotations"]
-                               if a["category_id"] in SUBSET_CATEGORIES and a["image_id"] in image_ids]
+        data["annotations"] = [
+            a for a in source["annotations"] if a["category_id"] in SUBSET_CATEGORIES and a["image_id"] in image_ids
+        ]
         assert {c["id"]: c["name"] for c in data["categories"]} == SUBSET_CATEGORIES and data["annotations"]
         json_file = folder / f"{split}.json"
         json_file.write_text(json.dumps(data))
@@ -418,9 +494,17 @@ def test_finetuning_beats_random_initialisation(trained, two_class_subset, tmp_p
     pretrained = os.path.join(trained[0].OUTPUT_DIR, "model_final.pth")
     ap = {}
     for name, weights in (("finetuned", pretrained), ("random_init", "")):
-        cfg = ci_cfg(tmp_path / name, FINETUNE_ITERS, **{
-            "DATASETS.TRAIN": two_class_subset[:1], "DATASETS.TEST": two_class_subset[1:],
-            "MODEL.DINO.NUM_CLASSES": 2, "MODEL.WEIGHTS": weights, "SOLVER.BASE_LR": 1e-4})
+        cfg = ci_cfg(
+            tmp_path / name,
+            FINETUNE_ITERS,
+            **{
+                "DATASETS.TRAIN": two_class_subset[:1],
+                "DATASETS.TEST": two_class_subset[1:],
+                "MODEL.DINO.NUM_CLASSES": 2,
+                "MODEL.WEIGHTS": weights,
+                "SOLVER.BASE_LR": 1e-4,
+            },
+        )
         seed_all_rng(cfg.SEED)
         trainer = DinoTrainer(cfg)
         trainer.resume_or_load(resume=False)

@@ -1,4 +1,5 @@
 """Shared setup of the training tests: a tiny demo dataset and a reduced demo config."""
+
 import os
 from pathlib import Path
 
@@ -9,8 +10,16 @@ from dino_detr.data import DemoSpec, ensure_demo_dataset, register_dino_demo
 
 REPO = Path(__file__).resolve().parents[1]
 # 16 small images with 1-3 large shapes: a set a working DINO fits in a few hundred steps.
-CI_SPEC = DemoSpec(seed=7, splits={"train": 16}, min_side=128, max_side=160, max_objects=3,
-                   empty_fraction=0.1, min_object_size=32.0, max_object_size=72.0)
+CI_SPEC = DemoSpec(
+    seed=7,
+    splits={"train": 16},
+    min_side=128,
+    max_side=160,
+    max_objects=3,
+    empty_fraction=0.1,
+    min_object_size=32.0,
+    max_object_size=72.0,
+)
 
 
 def ci_dataset(root: os.PathLike) -> str:

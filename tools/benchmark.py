@@ -14,6 +14,7 @@ times the model with the pure-PyTorch multi-scale deformable attention and repor
     python tools/benchmark.py --config-file configs/dino_r50_4scale.yaml --size 800 1216 --no-flops \
         --backends eager compiled aoti onnxruntime --json out/dino4_backends.json
 """
+
 import argparse
 import json
 import os
@@ -158,8 +159,11 @@ def markdown_table(results):
     ]
     for r in results:
         ap = ", ".join(f"{s} {a}" for s, a, _ in r["published_ap"]) or "-"
-        train = (f"{r['training']['iter_s']:.2f} ({r['training']['peak_mem_mib']:.0f}, batch {r.get('train_batch', '?')})"
-                 if "training" in r else "-")
+        train = (
+            f"{r['training']['iter_s']:.2f} ({r['training']['peak_mem_mib']:.0f}, batch {r.get('train_batch', '?')})"
+            if "training" in r
+            else "-"
+        )
         gflops = f"{r['gflops']:.0f}" if "gflops" in r else "-"
         lat = f"{r['inference']['latency_s']:.3f}"
         if "speedup_vs_reference_msda" in r:
@@ -181,8 +185,12 @@ def markdown_table(results):
 
 def backends_table(results):
     """Rows of the side-by-side table of ``--backends`` results (empty when there are none)."""
-    rows = ["", "| model | input | backend | latency (s/img) | vs eager | peak mem (MiB) | build (s) | "
-            "max diff scores / boxes vs eager |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "",
+        "| model | input | backend | latency (s/img) | vs eager | peak mem (MiB) | build (s) | "
+        "max diff scores / boxes vs eager |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     found = False
     for r in results:
         eager = r.get("backends", {}).get("eager")
@@ -210,8 +218,13 @@ def plot(results, path):
             continue
         best = max(ap for _, ap, _ in r["published_ap"])
         ax.scatter(r["inference"]["latency_s"], best, s=40)
-        ax.annotate(f"{r['model']} ({r['device']})", (r["inference"]["latency_s"], best), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            f"{r['model']} ({r['device']})",
+            (r["inference"]["latency_s"], best),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.set_xlabel("inference latency, batch 1 (s/img, measured)")
     ax.set_ylabel("best published COCO val2017 box AP")
     ax.set_title(results[0]["machine"] if results else "")
@@ -239,10 +252,18 @@ def main(argv=None):
     parser.add_argument("--train", action="store_true", help="also time training iterations")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--no-flops", action="store_true")
-    parser.add_argument("--compare-reference", action="store_true",
-                        help="also time with the pure-PyTorch MSDA op and report the speed ratio")
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=[],
-                        help="also time DINO's exported inference path on these CPU runtimes (H, W multiples of 32)")
+    parser.add_argument(
+        "--compare-reference",
+        action="store_true",
+        help="also time with the pure-PyTorch MSDA op and report the speed ratio",
+    )
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=BACKENDS,
+        default=[],
+        help="also time DINO's exported inference path on these CPU runtimes (H, W multiples of 32)",
+    )
     parser.add_argument("--json", help="write the result (or, with --summarize, all results) here")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="combine earlier results")
     parser.add_argument("--markdown", help="write the Markdown table here")

@@ -18,10 +18,8 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
-
 
 STRIDES = (8, 16, 32, 64)
 DECODER_QUERIES = 1100  # 900 matching + 200 denoising queries
@@ -92,9 +90,10 @@ def run_case(
     op must move (forward, or forward + backward)."""
     import torch
 
+    from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference
+
     from bandwidth import median_seconds, ms_deform_attn_bytes, value_rows_read
     from measure import reset_peak_memory, rss_kib
-    from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference
 
     torch.set_num_threads(threads)
     dev = torch.device(device)

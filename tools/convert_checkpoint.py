@@ -8,15 +8,15 @@
 The classifier rows are remapped to Detectron2's 80 contiguous COCO classes (``--classes coco80``,
 what ``coco_2017_val`` evaluation needs) or kept as stored (``--classes source``: 91 COCO ids for
 official checkpoints). ``swin-imagenet`` converts an ImageNet Swin classifier into backbone-only
-weights to train DINO from (``MODEL.WEIGHTS`` of a Swin config). The converted weights are loaded strictly into the model built from the
-matching config (unless ``--no-verify``), and the config file and options to use are printed.
+weights to train DINO from (``MODEL.WEIGHTS`` of a Swin config). The converted weights are loaded
+strictly into the model built from the matching config (unless ``--no-verify``), and the config file
+and options to use are printed.
 The input is read with ``torch.load(weights_only=True)``; a trusted older file that needs more is
 allowed by naming it in ``DINO_DETR_TRUSTED_WEIGHTS`` (see the README).
 """
+
 import argparse
 import os
-import sys
-
 
 from dino_detr.checkpoint import (
     CLASS_LAYOUTS,
@@ -64,10 +64,17 @@ def main(argv=None):
     parser.add_argument("--source", required=True, choices=SOURCES, help="who published the checkpoint")
     parser.add_argument("input", help="source checkpoint (.pth)")
     parser.add_argument("output", help="Detectron2 checkpoint to write (.pth)")
-    parser.add_argument("--classes", default="coco80", choices=CLASS_LAYOUTS,
-                        help="coco80: Detectron2's contiguous COCO classes (default); source: rows as stored")
-    parser.add_argument("--config-file", default=None,
-                        help="config to verify against (default: the repository config matching the weights)")
+    parser.add_argument(
+        "--classes",
+        default="coco80",
+        choices=CLASS_LAYOUTS,
+        help="coco80: Detectron2's contiguous COCO classes (default); source: rows as stored",
+    )
+    parser.add_argument(
+        "--config-file",
+        default=None,
+        help="config to verify against (default: the repository config matching the weights)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the strict load into a freshly built model")
     args = parser.parse_args(argv)
 
@@ -78,15 +85,19 @@ def main(argv=None):
         verify(conversion, config_file, opts)
     save_detectron2_checkpoint(conversion.state_dict, args.output)
 
-    print(f"wrote {args.output}: {len(conversion.state_dict)} tensors"
-          f"{'' if args.no_verify else ', strict load into the model verified'}")
+    print(
+        f"wrote {args.output}: {len(conversion.state_dict)} tensors"
+        f"{'' if args.no_verify else ', strict load into the model verified'}"
+    )
     for note in conversion.notes:
         print(f"  - {note}")
     print("train from it with:" if conversion.backbone_only else "evaluate with:")
     shown = os.path.relpath(config_file, REPO)
     shown = config_file if shown.startswith("..") else shown
-    print(f"  python tools/train_net.py --config-file {shown}{'' if conversion.backbone_only else ' --eval-only'} "
-          f"MODEL.WEIGHTS {args.output} {' '.join(opts)}".rstrip())
+    print(
+        f"  python tools/train_net.py --config-file {shown}{'' if conversion.backbone_only else ' --eval-only'} "
+        f"MODEL.WEIGHTS {args.output} {' '.join(opts)}".rstrip()
+    )
 
 
 if __name__ == "__main__":

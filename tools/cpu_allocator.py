@@ -6,6 +6,7 @@ kernel's zero-fill on first touch. Raising the mmap and trim thresholds keeps th
 in the heap, as jemalloc / tcmalloc (recommended by PyTorch for CPU inference) would. The
 process then keeps its peak memory resident; call this only in a process that runs the model.
 """
+
 import ctypes
 import ctypes.util
 import logging

@@ -8,6 +8,7 @@
 Class names come from the metadata of DATASETS.TEST[0] (a training run's OUTPUT_DIR/config.yaml
 names its datasets); trailing KEY VALUE pairs override the config as in tools/train_net.py.
 """
+
 import argparse
 import logging
 import os
@@ -48,21 +49,33 @@ def parse_args(argv=None):
     (e.g. ``MODEL.WEIGHTS``), since ``--input`` takes any number of paths."""
     argv = list(sys.argv[1:] if argv is None else argv)
     start = _first_config_key(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s [options] [KEY VALUE ...]")
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [options] [KEY VALUE ...]",
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="image files, folders of images and/or glob patterns")
     source.add_argument("--video-input", metavar="FILE", help="a video file")
     source.add_argument("--webcam", type=int, metavar="INDEX", help="a camera index (e.g. 0)")
-    parser.add_argument("--output", required=True,
-                        help="folder for the visualized PNGs (images), or the .mp4/.avi file (video, camera; "
-                             "a folder gets <video name>.mp4)")
-    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=JSON:FOLDER",
-                        help="register a COCO-format dataset (added to DATASETS.COCO), e.g. for its class names")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="folder for the visualized PNGs (images), or the .mp4/.avi file (video, camera; "
+        "a folder gets <video name>.mp4)",
+    )
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME=JSON:FOLDER",
+        help="register a COCO-format dataset (added to DATASETS.COCO), e.g. for its class names",
+    )
     parser.add_argument("--confidence-threshold", type=float, default=0.3)
-    parser.add_argument("--max-frames", type=int, default=0,
-                        help="video/camera: stop after N frames (0: at the end; Ctrl-C also stops)")
+    parser.add_argument(
+        "--max-frames", type=int, default=0, help="video/camera: stop after N frames (0: at the end; Ctrl-C also stops)"
+    )
     args = parser.parse_args(argv[:start])
     args.opts = argv[start:]
     return args
@@ -85,8 +98,10 @@ def main(argv=None):
     cfg.freeze()
     register_config_datasets(cfg)
     if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: the model has random weights and its detections mean nothing; "
-                       "add MODEL.WEIGHTS path/to/model_final.pth")
+        logger.warning(
+            "MODEL.WEIGHTS is empty: the model has random weights and its detections mean nothing; "
+            "add MODEL.WEIGHTS path/to/model_final.pth"
+        )
     if cfg.MODEL.DEVICE == "cpu":
         reuse_freed_cpu_memory()  # this process only runs the model: keep freed activations for reuse
     predictor = DinoPredictor(cfg)
@@ -99,8 +114,7 @@ def main(argv=None):
         return written
     source = args.video_input if args.video_input is not None else args.webcam
     output = _video_output(args)
-    frames, seconds = visualize_video(predictor, open_video(source), output, args.confidence_threshold,
-                                      args.max_frames)
+    frames, seconds = visualize_video(predictor, open_video(source), output, args.confidence_threshold, args.max_frames)
     print(f"{frames} frame(s) in {seconds:.1f} s ({frames / max(seconds, 1e-9):.2f} fps); wrote {output}")
     return output
 

@@ -1,5 +1,6 @@
 """Latency and peak-memory measurement of a Detectron2 model on the CPU or a GPU, and the name of
 the machine they were measured on (tools/benchmark.py, tools/benchmark_ms_deform_attn.py)."""
+
 import contextlib
 import platform
 import statistics

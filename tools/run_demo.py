@@ -7,6 +7,7 @@ printed) and write visualized validation predictions as PNGs.
 
 Uses the GPU when there is one (MODEL.DEVICE "cuda" falls back to the CPU without one).
 """
+
 import argparse
 import json
 import os
@@ -63,16 +64,23 @@ def main(argv=None):
     vis_dir = os.path.join(cfg.OUTPUT_DIR, "visualizations")
     written = visualize_predictions(DinoPredictor(vis_cfg), val_images, vis_dir)
 
-    summary = {"bbox": bbox, "train_and_eval_seconds": round(train_seconds, 1), "device": cfg.MODEL.DEVICE,
-               "max_iter": cfg.SOLVER.MAX_ITER, "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH}
+    summary = {
+        "bbox": bbox,
+        "train_and_eval_seconds": round(train_seconds, 1),
+        "device": cfg.MODEL.DEVICE,
+        "max_iter": cfg.SOLVER.MAX_ITER,
+        "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
+    }
     with open(os.path.join(cfg.OUTPUT_DIR, "demo_results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\nDINO demo on dino_demo_val (COCO bbox metrics):")
     print("| " + " | ".join(bbox) + " |")
     print("|" + "---|" * len(bbox))
     print("| " + " | ".join(f"{v:.1f}" for v in bbox.values()) + " |")
-    print(f"training + evaluation: {train_seconds / 60:.1f} min on {cfg.MODEL.DEVICE}; "
-          f"{len(written)} visualizations in {vis_dir}")
+    print(
+        f"training + evaluation: {train_seconds / 60:.1f} min on {cfg.MODEL.DEVICE}; "
+        f"{len(written)} visualizations in {vis_dir}"
+    )
 
 
 if __name__ == "__main__":

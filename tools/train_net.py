@@ -8,6 +8,7 @@
     python tools/train_net.py --config-file configs/dino_r50_4scale.yaml --dataset mine_train=train.json:images/ \
         DATASETS.TRAIN "('mine_train',)" MODEL.DINO.NUM_CLASSES 3           # a COCO-format dataset
 """
+
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -23,8 +24,13 @@ def argument_parser():
     """Detectron2's ``default_argument_parser`` with ``--dataset NAME=JSON:FOLDER`` (repeatable),
     added to ``DATASETS.COCO``."""
     parser = default_argument_parser()
-    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=JSON:FOLDER",
-                        help="register a COCO-format dataset: annotation JSON and image folder")
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME=JSON:FOLDER",
+        help="register a COCO-format dataset: annotation JSON and image folder",
+    )
     return parser
 
 

@@ -1,6 +1,7 @@
 """The visualisation loop of ``tools/demo.py`` and ``tools/run_demo.py``: find image files, run a
 predictor on images or video frames and save Detectron2 ``Visualizer`` / ``VideoVisualizer``
 drawings."""
+
 import glob
 import logging
 import os
@@ -66,8 +67,9 @@ def dataset_metadata(cfg):
     return metadata
 
 
-def visualize_predictions(predictor: DefaultPredictor, files: Iterable[Path], output_dir: str,
-                          score_threshold: float = 0.3) -> List[str]:
+def visualize_predictions(
+    predictor: DefaultPredictor, files: Iterable[Path], output_dir: str, score_threshold: float = 0.3
+) -> List[str]:
     """Runs ``predictor`` on every file and writes one PNG per file into ``output_dir``
     (names from :func:`output_names`) with the detections scoring at least
     ``score_threshold`` drawn on the image; ``OSError`` naming a file that cannot be written.
@@ -114,8 +116,13 @@ def _video_writer(path: str, fps: float, width: int, height: int) -> cv2.VideoWr
     return writer
 
 
-def visualize_video(predictor: DefaultPredictor, capture: cv2.VideoCapture, output: str,
-                    score_threshold: float = 0.3, max_frames: int = 0) -> Tuple[int, float]:
+def visualize_video(
+    predictor: DefaultPredictor,
+    capture: cv2.VideoCapture,
+    output: str,
+    score_threshold: float = 0.3,
+    max_frames: int = 0,
+) -> Tuple[int, float]:
     """Runs ``predictor`` on the frames of ``capture`` and writes them with the detections
     drawn (``VideoVisualizer``, stable colours per track) to the video file ``output``
     (".mp4" or ".avi", the source's frame rate). Ctrl-C stops early and keeps the video.

@@ -1,4 +1,5 @@
 """FLOP counting with fvcore, including the multi-scale deformable attention op."""
+
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import nn

@@ -2,6 +2,7 @@
 used by the trainer, the tools and, once ``dino_detr`` is imported, Detectron2's
 ``DefaultPredictor`` / ``DefaultTrainer``), the fit rule, fine-tuning to another number of
 classes, crash-safe writing, and conversion of official / detrex checkpoints."""
+
 from .checkpointer import SafeCheckpointer, use_safe_checkpointer
 from .coco_classes import coco_category_ids, rows_91_to_80
 from .convert import CLASS_LAYOUTS, SOURCES, Conversion, check_against_model, convert_state_dict
@@ -11,9 +12,24 @@ from .io import atomic_open, load_source_state_dict, save_detectron2_checkpoint
 from .safe_load import TRUSTED_WEIGHTS_ENV, UnreadableCheckpointError, UnsafeCheckpointError
 
 __all__ = [
-    "CLASS_DEPENDENT_KEY_PATTERNS", "CLASS_LAYOUTS", "SOURCES", "TRUSTED_WEIGHTS_ENV", "Conversion",
-    "SafeCheckpointer", "UnreadableCheckpointError", "UnsafeCheckpointError", "atomic_open",
-    "check_against_model", "check_checkpoint_fits", "coco_category_ids", "convert_state_dict",
-    "drop_mismatched_class_tensors", "is_class_dependent", "load_source_state_dict", "mismatched_class_tensors",
-    "rows_91_to_80", "save_detectron2_checkpoint", "use_safe_checkpointer",
+    "CLASS_DEPENDENT_KEY_PATTERNS",
+    "CLASS_LAYOUTS",
+    "SOURCES",
+    "TRUSTED_WEIGHTS_ENV",
+    "Conversion",
+    "SafeCheckpointer",
+    "UnreadableCheckpointError",
+    "UnsafeCheckpointError",
+    "atomic_open",
+    "check_against_model",
+    "check_checkpoint_fits",
+    "coco_category_ids",
+    "convert_state_dict",
+    "drop_mismatched_class_tensors",
+    "is_class_dependent",
+    "load_source_state_dict",
+    "mismatched_class_tensors",
+    "rows_91_to_80",
+    "save_detectron2_checkpoint",
+    "use_safe_checkpointer",
 ]

@@ -1,6 +1,7 @@
 """``SafeCheckpointer``: Detectron2's ``DetectionCheckpointer`` that runs no code from weight
 files, refuses weights that do not fit the model, writes checkpoints crash-safely and
 resumes from the newest readable checkpoint."""
+
 import os
 from typing import Any, Dict
 
@@ -75,7 +76,8 @@ class SafeCheckpointer(DetectionCheckpointer):
         check_checkpoint_fits(
             self.model.state_dict().keys(),
             [*incompatible.missing_keys, *(k for k, _, _ in incompatible.incorrect_shapes)],
-            source=f"checkpoint {getattr(self, '_loading', '?')}", unexpected=incompatible.unexpected_keys,
+            source=f"checkpoint {getattr(self, '_loading', '?')}",
+            unexpected=incompatible.unexpected_keys,
         )
         return incompatible
 
@@ -100,8 +102,11 @@ class SafeCheckpointer(DetectionCheckpointer):
         if not (resume and self.has_checkpoint()):
             return super().resume_or_load(path, resume=resume)
         tagged = self.get_checkpoint_file()
-        others = sorted((f for f in self.get_all_checkpoint_files() if os.path.abspath(f) != os.path.abspath(tagged)),
-                        key=os.path.getmtime, reverse=True)
+        others = sorted(
+            (f for f in self.get_all_checkpoint_files() if os.path.abspath(f) != os.path.abspath(tagged)),
+            key=os.path.getmtime,
+            reverse=True,
+        )
         tried = []
         for candidate in [tagged, *others]:
             try:

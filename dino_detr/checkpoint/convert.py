@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .coco_classes import COCO_NUM_IDS, rows_91_to_80
-from .rename import detrex_rules, layer_count as _layer_count, official_rules, rename
+from .rename import detrex_rules, official_rules, rename
+from .rename import layer_count as _layer_count
 from .swin import check_swin_buffer, convert_swin_classifier, infer_swin_config, is_swin_buffer
 
 __all__ = ["SOURCES", "CLASS_LAYOUTS", "Conversion", "convert_state_dict", "check_against_model"]
@@ -74,7 +75,7 @@ def _rules_for(source: str, names) -> list:
 
 def _check_alias(source_sd, alias: str, source: str) -> str:
     """An alias ``transformer.decoder.X`` must equal ``X`` of the same checkpoint."""
-    primary = alias[len(_DECODER_ALIAS):]
+    primary = alias[len(_DECODER_ALIAS) :]
     if primary not in source_sd:
         raise KeyError(f"{source} checkpoint: {alias!r} is an alias of {primary!r}, which is missing")
     if not torch.equal(source_sd[alias], source_sd[primary]):
@@ -91,9 +92,9 @@ def _link_decoder_box_heads(out: Dict[str, torch.Tensor], source: str) -> None:
             out[alias] = out[key]
         elif not torch.equal(out[alias], out[key]):
             raise ValueError(f"{source} checkpoint: decoder box head {alias!r} differs from {key!r}")
-    orphans = [k for k in out if k.startswith(_DECODER_ALIAS + "bbox_embed.") and k[len(_DECODER_ALIAS):] not in out]
+    orphans = [k for k in out if k.startswith(_DECODER_ALIAS + "bbox_embed.") and k[len(_DECODER_ALIAS) :] not in out]
     if orphans:
-        raise KeyError(f"{source} checkpoint: {orphans[0]!r} has no matching {orphans[0][len(_DECODER_ALIAS):]!r}")
+        raise KeyError(f"{source} checkpoint: {orphans[0]!r} has no matching {orphans[0][len(_DECODER_ALIAS) :]!r}")
 
 
 def _convert_classes(out: Dict[str, torch.Tensor], source: str, layout: str, notes: List[str]) -> int:
@@ -113,8 +114,10 @@ def _convert_classes(out: Dict[str, torch.Tensor], source: str, layout: str, not
     # model has the official layout: its spare row is never indexed (noised labels < classes).
     expected = num_classes + (1 if source == "official" else 0)
     if label_rows != expected:
-        raise ValueError(f"{source} checkpoint: label_enc.weight has {label_rows} rows, expected {expected} "
-                         f"for {num_classes} classes")
+        raise ValueError(
+            f"{source} checkpoint: label_enc.weight has {label_rows} rows, expected {expected} "
+            f"for {num_classes} classes"
+        )
     if source == "detrex":
         enc = out["label_enc.weight"]
         out["label_enc.weight"] = torch.cat([enc, enc.new_zeros(1, enc.shape[1])])
@@ -125,19 +128,23 @@ def _convert_classes(out: Dict[str, torch.Tensor], source: str, layout: str, not
         for k in class_keys:
             out[k] = rows_91_to_80(k, out[k])
         out["label_enc.weight"] = rows_91_to_80("label_enc.weight", out["label_enc.weight"], extra_rows=1)
-        notes.append(f"class rows: 91 COCO category ids -> 80 Detectron2 classes in {len(class_keys)} "
-                     "classifier tensors and label_enc (spare row kept)")
+        notes.append(
+            f"class rows: 91 COCO category ids -> 80 Detectron2 classes in {len(class_keys)} "
+            "classifier tensors and label_enc (spare row kept)"
+        )
         return 80
     if num_classes != 80:
-        raise ValueError(f"detrex checkpoint: {class_keys[0]} has {num_classes} classes; COCO layout needs 80 "
-                         "(use the 'source' class layout for other data sets)")
+        raise ValueError(
+            f"detrex checkpoint: {class_keys[0]} has {num_classes} classes; COCO layout needs 80 "
+            "(use the 'source' class layout for other data sets)"
+        )
     notes.append("class rows: detrex already uses Detectron2's 80 contiguous COCO classes")
     return 80
 
 
 def _heads_shared(out: Dict[str, torch.Tensor], prefix: str, num_layers: int) -> bool:
     first = prefix + ".0."
-    names = [k[len(first):] for k in out if k.startswith(first)]
+    names = [k[len(first) :] for k in out if k.startswith(first)]
     return all(
         torch.equal(out[f"{prefix}.0.{n}"], out[f"{prefix}.{i}.{n}"]) for i in range(1, num_layers) for n in names
     )
@@ -146,8 +153,11 @@ def _heads_shared(out: Dict[str, torch.Tensor], prefix: str, num_layers: int) ->
 def _infer_config(out: Dict[str, torch.Tensor], source: str, num_classes: int):
     """Config keys and base config file that match the converted tensors."""
     levels = _layer_count(out, "input_proj.")
-    in_channels = [out[f"input_proj.{lv}.0.weight"].shape[1] for lv in range(levels)
-                   if out[f"input_proj.{lv}.0.weight"].shape[-1] == 1]
+    in_channels = [
+        out[f"input_proj.{lv}.0.weight"].shape[1]
+        for lv in range(levels)
+        if out[f"input_proj.{lv}.0.weight"].shape[-1] == 1
+    ]
     if "backbone.patch_embed.proj.weight" in out:
         config, base = infer_swin_config(out, in_channels, levels)
     else:
@@ -155,19 +165,21 @@ def _infer_config(out: Dict[str, torch.Tensor], source: str, num_classes: int):
     dec_layers = _layer_count(out, "transformer.decoder.layers.")
     tgt = out["transformer.tgt_embed.weight"]
     labelbook = out["label_enc.weight"].shape[0] - 1
-    config.update({
-        "MODEL.DINO.NUM_FEATURE_LEVELS": levels,
-        "MODEL.DINO.NUM_CLASSES": num_classes,
-        # 0 = NUM_CLASSES (the config's default)
-        "MODEL.DINO.DN_LABELBOOK_SIZE": 0 if labelbook == num_classes else labelbook,
-        "MODEL.DINO.HIDDEN_DIM": tgt.shape[1],
-        "MODEL.DINO.NUM_QUERIES": tgt.shape[0],
-        "MODEL.DINO.ENC_LAYERS": _layer_count(out, "transformer.encoder.layers."),
-        "MODEL.DINO.DEC_LAYERS": dec_layers,
-        "MODEL.DINO.DIM_FEEDFORWARD": out["transformer.encoder.layers.0.linear1.weight"].shape[0],
-        "MODEL.DINO.DEC_PRED_CLASS_EMBED_SHARE": _heads_shared(out, "class_embed", dec_layers),
-        "MODEL.DINO.DEC_PRED_BBOX_EMBED_SHARE": _heads_shared(out, "bbox_embed", dec_layers),
-    })
+    config.update(
+        {
+            "MODEL.DINO.NUM_FEATURE_LEVELS": levels,
+            "MODEL.DINO.NUM_CLASSES": num_classes,
+            # 0 = NUM_CLASSES (the config's default)
+            "MODEL.DINO.DN_LABELBOOK_SIZE": 0 if labelbook == num_classes else labelbook,
+            "MODEL.DINO.HIDDEN_DIM": tgt.shape[1],
+            "MODEL.DINO.NUM_QUERIES": tgt.shape[0],
+            "MODEL.DINO.ENC_LAYERS": _layer_count(out, "transformer.encoder.layers."),
+            "MODEL.DINO.DEC_LAYERS": dec_layers,
+            "MODEL.DINO.DIM_FEEDFORWARD": out["transformer.encoder.layers.0.linear1.weight"].shape[0],
+            "MODEL.DINO.DEC_PRED_CLASS_EMBED_SHARE": _heads_shared(out, "class_embed", dec_layers),
+            "MODEL.DINO.DEC_PRED_BBOX_EMBED_SHARE": _heads_shared(out, "bbox_embed", dec_layers),
+        }
+    )
     if source == "detrex":
         # detrex's PositionEmbeddingSine(temperature=10000, normalize=True, offset=-0.5)
         config["MODEL.DINO.PE_TEMPERATURE_H"] = 10000
@@ -233,8 +245,10 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], source: str, class_l
     num_classes = _convert_classes(out, source, class_layout, notes)
     config, base = _infer_config(out, source, num_classes)
     if source == "official" and class_layout == "source" and num_classes == COCO_NUM_IDS:
-        notes.append("classes kept as 91 COCO category ids: pred_classes are COCO ids, not Detectron2's "
-                     "contiguous ids (Detectron2's COCOEvaluator on coco_2017_val needs the coco80 layout)")
+        notes.append(
+            "classes kept as 91 COCO category ids: pred_classes are COCO ids, not Detectron2's "
+            "contiguous ids (Detectron2's COCOEvaluator on coco_2017_val needs the coco80 layout)"
+        )
     return Conversion(out, config, base, notes)
 
 
@@ -248,12 +262,13 @@ def check_against_model(state_dict: Dict[str, torch.Tensor], model: nn.Module, b
     the model's names with the model's shapes (what a strict load needs). ``backbone_only``:
     the detector and the Swin ``backbone.norm{i}`` may be absent."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict
-               and not (backbone_only and _NOT_IN_BACKBONE_WEIGHTS.match(k))]
+    missing = [k for k in expected if k not in state_dict and not (backbone_only and _NOT_IN_BACKBONE_WEIGHTS.match(k))]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
-        raise KeyError(f"converted checkpoint does not match the model: {len(missing)} missing "
-                       f"(first: {missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]})")
+        raise KeyError(
+            f"converted checkpoint does not match the model: {len(missing)} missing "
+            f"(first: {missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]})"
+        )
     for k, v in expected.items():
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape):
             raise ValueError(f"{k}: converted shape {tuple(state_dict[k].shape)} != model shape {tuple(v.shape)}")

@@ -4,6 +4,7 @@ The class-dependent tensors (classification heads of the decoder and the encoder
 denoising label embedding) are re-initialised when fine-tuning to another set of classes;
 they are defined once here and left out of the count.
 """
+
 import re
 from typing import Iterable, Sequence
 
@@ -12,9 +13,9 @@ __all__ = ["CLASS_DEPENDENT_KEY_PATTERNS", "MIN_LOADED_FRACTION", "is_class_depe
 # State-dict keys (regular expressions, matched at the start) of DinoDetr whose shape depends on
 # MODEL.DINO.NUM_CLASSES (or DN_LABELBOOK_SIZE).
 CLASS_DEPENDENT_KEY_PATTERNS = (
-    r"class_embed\.",                     # decoder classification heads, one per layer
+    r"class_embed\.",  # decoder classification heads, one per layer
     r"transformer\.enc_out_class_embed\.",  # encoder proposal classifier
-    r"label_enc\.",                       # denoising label embedding (label book + 1 rows)
+    r"label_enc\.",  # denoising label embedding (label book + 1 rows)
 )
 _CLASS_DEPENDENT = re.compile("|".join(f"(?:{p})" for p in CLASS_DEPENDENT_KEY_PATTERNS))
 
@@ -28,8 +29,9 @@ def is_class_dependent(key: str) -> bool:
     return _CLASS_DEPENDENT.match(key) is not None
 
 
-def check_checkpoint_fits(model_keys: Iterable[str], not_loaded: Iterable[str], source: str,
-                          unexpected: Sequence[str] = ()) -> None:
+def check_checkpoint_fits(
+    model_keys: Iterable[str], not_loaded: Iterable[str], source: str, unexpected: Sequence[str] = ()
+) -> None:
     """Raise ``ValueError`` when a checkpoint supplied fewer than ``MIN_LOADED_FRACTION`` of the
     model's tensors and fewer than that fraction of its ``backbone.*`` tensors.
 
@@ -47,7 +49,8 @@ def check_checkpoint_fits(model_keys: Iterable[str], not_loaded: Iterable[str], 
     backbone_loaded = sum(k not in skipped for k in backbone)
     loaded = len(counted) - len(missing)
     if loaded >= MIN_LOADED_FRACTION * len(counted) or (
-            backbone and backbone_loaded >= MIN_LOADED_FRACTION * len(backbone)):
+        backbone and backbone_loaded >= MIN_LOADED_FRACTION * len(backbone)
+    ):
         return
     extra = f"; the checkpoint has other keys, e.g. {list(unexpected[:3])}" if unexpected else ""
     raise ValueError(

@@ -19,10 +19,16 @@ _MLP = r"layers\.\d+\." + _PARAM
 
 #: Tensors of a Swin body (official DINO ``backbone.0.*``, ImageNet classifiers, this project's
 #: ``backbone.*``: the same names), except the per-output ``norm{i}`` and derived buffers.
-SWIN_BODY = (r"(patch_embed\.(proj|norm)\." + _PARAM
-             + r"|layers\.\d+\.blocks\.\d+\.((norm[12]|attn\.qkv|attn\.proj|mlp\.fc[12])\." + _PARAM
-             + r"|attn\.relative_position_bias_table)"
-             + r"|layers\.\d+\.downsample\.(reduction\.weight|norm\." + _PARAM + "))")
+SWIN_BODY = (
+    r"(patch_embed\.(proj|norm)\."
+    + _PARAM
+    + r"|layers\.\d+\.blocks\.\d+\.((norm[12]|attn\.qkv|attn\.proj|mlp\.fc[12])\."
+    + _PARAM
+    + r"|attn\.relative_position_bias_table)"
+    + r"|layers\.\d+\.downsample\.(reduction\.weight|norm\."
+    + _PARAM
+    + "))"
+)
 
 Target = Union[str, Callable[[re.Match], str], None]
 RenameRule = Tuple["re.Pattern[str]", Target]
@@ -81,21 +87,26 @@ def official_rules() -> List[RenameRule]:
     """IDEA-Research/DINO (torchvision ResNet under ``backbone.0.body``, or Swin under ``backbone.0``
     with the names of :mod:`dino_detr.modeling.swin`). Targets ``None`` mark aliases
     (``transformer.decoder.class_embed`` is ``class_embed``): checked, not copied."""
-    return _rules([
-        (r"backbone\.0\.body\.conv1\.weight", "backbone.stem.conv1.weight"),
-        (r"backbone\.0\.body\.bn1\." + _NORM, r"backbone.stem.conv1.norm.\1"),
-        (r"backbone\.0\.body\.layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3]|downsample\.[01])\." + _NORM,
-         _torchvision_block),
-        (r"backbone\.0\.(" + SWIN_BODY + r"|norm\d\." + _PARAM + ")", r"backbone.\1"),
-        (r"transformer\.decoder\.class_embed\.\d+\." + _PARAM, None),
-        *_OURS_BODY,
-    ])
+    return _rules(
+        [
+            (r"backbone\.0\.body\.conv1\.weight", "backbone.stem.conv1.weight"),
+            (r"backbone\.0\.body\.bn1\." + _NORM, r"backbone.stem.conv1.norm.\1"),
+            (
+                r"backbone\.0\.body\.layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3]|downsample\.[01])\." + _NORM,
+                _torchvision_block,
+            ),
+            (r"backbone\.0\.(" + SWIN_BODY + r"|norm\d\." + _PARAM + ")", r"backbone.\1"),
+            (r"transformer\.decoder\.class_embed\.\d+\." + _PARAM, None),
+            *_OURS_BODY,
+        ]
+    )
 
 
 def detrex_rules(num_backbone_levels: int, num_decoder_layers: int) -> List[RenameRule]:
     """IDEA-Research/detrex ``projects/dino`` (Detectron2 ResNet, ``ChannelMapper`` neck,
     per-layer heads plus one more for the encoder proposals at index ``num_decoder_layers``,
     decoder aliases ``transformer.decoder.{class,bbox}_embed`` of the heads)."""
+
     def head(kind: str) -> Callable[[re.Match], str]:
         def target(m: re.Match) -> str:
             i = int(m.group(1))
@@ -104,41 +115,62 @@ def detrex_rules(num_backbone_levels: int, num_decoder_layers: int) -> List[Rena
             if i > num_decoder_layers:
                 raise KeyError(f"{m.group(0)}: head index {i} > number of decoder layers {num_decoder_layers}")
             return f"{kind}.{i}.{m.group(2)}"
+
         return target
 
     # detrex layer order: self_attn, norm, cross_attn, norm, ffn, norm (official norm2, norm1, norm3)
     decoder_norm = {"0": "norm2", "1": "norm1", "2": "norm3"}
-    return _rules([
-        (r"backbone\.stem\.conv1\.(weight|norm\." + _NORM + ")", r"\g<0>"),
-        (r"backbone\.res[2-5]\.\d+\.(conv[1-3]|shortcut)\.(weight|norm\." + _NORM + ")", r"\g<0>"),
-        (r"neck\.convs\.(\d+)\.conv\." + _PARAM, r"input_proj.\1.0.\2"),
-        (r"neck\.convs\.(\d+)\.norm\." + _PARAM, r"input_proj.\1.1.\2"),
-        (r"neck\.extra_convs\.(\d+)\.(conv|norm)\." + _PARAM,
-         lambda m: f"input_proj.{num_backbone_levels + int(m.group(1))}."
-                   f"{0 if m.group(2) == 'conv' else 1}.{m.group(3)}"),
-        (r"transformer\.level_embeds", "transformer.level_embed"),
-        (r"transformer\.encoder\.layers\.(\d+)\.attentions\.0\." + _MSDA,
-         r"transformer.encoder.layers.\1.self_attn.\2.\3"),
-        (r"transformer\.encoder\.layers\.(\d+)\.norms\.([01])\." + _PARAM,
-         lambda m: f"transformer.encoder.layers.{m.group(1)}.norm{int(m.group(2)) + 1}.{m.group(3)}"),
-        (r"transformer\.(encoder|decoder)\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\." + _PARAM,
-         r"transformer.\1.layers.\2.linear1.\3"),
-        (r"transformer\.(encoder|decoder)\.layers\.(\d+)\.ffns\.0\.layers\.1\." + _PARAM,
-         r"transformer.\1.layers.\2.linear2.\3"),
-        (r"transformer\.decoder\.layers\.(\d+)\.attentions\.0\.attn\." + _MHA,
-         r"transformer.decoder.layers.\1.self_attn.\2"),
-        (r"transformer\.decoder\.layers\.(\d+)\.attentions\.1\." + _MSDA,
-         r"transformer.decoder.layers.\1.cross_attn.\2.\3"),
-        (r"transformer\.decoder\.layers\.(\d+)\.norms\.([012])\." + _PARAM,
-         lambda m: f"transformer.decoder.layers.{m.group(1)}.{decoder_norm[m.group(2)]}.{m.group(3)}"),
-        (r"transformer\.decoder\.(class_embed|bbox_embed)\.\d+\..*", None),
-        (r"class_embed\.(\d+)\." + _PARAM, head("class_embed")),
-        (r"bbox_embed\.(\d+)\.(" + _MLP + ")", head("bbox_embed")),
-        (r"transformer\.(tgt_embed\.weight|(enc_output|enc_output_norm)\." + _PARAM + ")", r"\g<0>"),
-        (r"transformer\.decoder\.norm\." + _PARAM, r"\g<0>"),
-        (r"transformer\.decoder\.ref_point_head\." + _MLP, r"\g<0>"),
-        (r"label_enc\.weight", r"\g<0>"),
-    ])
+    return _rules(
+        [
+            (r"backbone\.stem\.conv1\.(weight|norm\." + _NORM + ")", r"\g<0>"),
+            (r"backbone\.res[2-5]\.\d+\.(conv[1-3]|shortcut)\.(weight|norm\." + _NORM + ")", r"\g<0>"),
+            (r"neck\.convs\.(\d+)\.conv\." + _PARAM, r"input_proj.\1.0.\2"),
+            (r"neck\.convs\.(\d+)\.norm\." + _PARAM, r"input_proj.\1.1.\2"),
+            (
+                r"neck\.extra_convs\.(\d+)\.(conv|norm)\." + _PARAM,
+                lambda m: (
+                    f"input_proj.{num_backbone_levels + int(m.group(1))}."
+                    f"{0 if m.group(2) == 'conv' else 1}.{m.group(3)}"
+                ),
+            ),
+            (r"transformer\.level_embeds", "transformer.level_embed"),
+            (
+                r"transformer\.encoder\.layers\.(\d+)\.attentions\.0\." + _MSDA,
+                r"transformer.encoder.layers.\1.self_attn.\2.\3",
+            ),
+            (
+                r"transformer\.encoder\.layers\.(\d+)\.norms\.([01])\." + _PARAM,
+                lambda m: f"transformer.encoder.layers.{m.group(1)}.norm{int(m.group(2)) + 1}.{m.group(3)}",
+            ),
+            (
+                r"transformer\.(encoder|decoder)\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\." + _PARAM,
+                r"transformer.\1.layers.\2.linear1.\3",
+            ),
+            (
+                r"transformer\.(encoder|decoder)\.layers\.(\d+)\.ffns\.0\.layers\.1\." + _PARAM,
+                r"transformer.\1.layers.\2.linear2.\3",
+            ),
+            (
+                r"transformer\.decoder\.layers\.(\d+)\.attentions\.0\.attn\." + _MHA,
+                r"transformer.decoder.layers.\1.self_attn.\2",
+            ),
+            (
+                r"transformer\.decoder\.layers\.(\d+)\.attentions\.1\." + _MSDA,
+                r"transformer.decoder.layers.\1.cross_attn.\2.\3",
+            ),
+            (
+                r"transformer\.decoder\.layers\.(\d+)\.norms\.([012])\." + _PARAM,
+                lambda m: f"transformer.decoder.layers.{m.group(1)}.{decoder_norm[m.group(2)]}.{m.group(3)}",
+            ),
+            (r"transformer\.decoder\.(class_embed|bbox_embed)\.\d+\..*", None),
+            (r"class_embed\.(\d+)\." + _PARAM, head("class_embed")),
+            (r"bbox_embed\.(\d+)\.(" + _MLP + ")", head("bbox_embed")),
+            (r"transformer\.(tgt_embed\.weight|(enc_output|enc_output_norm)\." + _PARAM + ")", r"\g<0>"),
+            (r"transformer\.decoder\.norm\." + _PARAM, r"\g<0>"),
+            (r"transformer\.decoder\.ref_point_head\." + _MLP, r"\g<0>"),
+            (r"label_enc\.weight", r"\g<0>"),
+        ]
+    )
 
 
 def rename(key: str, rules: Sequence[RenameRule], source: str) -> Optional[str]:

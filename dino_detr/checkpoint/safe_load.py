@@ -8,6 +8,7 @@
 * A file refused by these is loaded with Python's full unpickler only when it is listed in
   the environment variable ``DINO_DETR_TRUSTED_WEIGHTS`` (paths separated by ``os.pathsep``).
 """
+
 import logging
 import os
 import pickle
@@ -16,8 +17,12 @@ from typing import Any, Dict, Iterable
 import torch
 
 __all__ = [
-    "TRUSTED_WEIGHTS_ENV", "UnreadableCheckpointError", "UnsafeCheckpointError", "is_trusted",
-    "load_pickled_arrays", "load_torch_weights",
+    "TRUSTED_WEIGHTS_ENV",
+    "UnreadableCheckpointError",
+    "UnsafeCheckpointError",
+    "is_trusted",
+    "load_pickled_arrays",
+    "load_torch_weights",
 ]
 
 TRUSTED_WEIGHTS_ENV = "DINO_DETR_TRUSTED_WEIGHTS"
@@ -43,8 +48,10 @@ class UnreadableCheckpointError(RuntimeError):
 
 
 def _trust_hint(path: str) -> str:
-    return (f"Only if you trust this file (loading it may run code stored in it), allow it with "
-            f"{TRUSTED_WEIGHTS_ENV}={os.path.abspath(path)}")
+    return (
+        f"Only if you trust this file (loading it may run code stored in it), allow it with "
+        f"{TRUSTED_WEIGHTS_ENV}={os.path.abspath(path)}"
+    )
 
 
 def is_trusted(path: str, env: Dict[str, str] = os.environ) -> bool:

@@ -76,8 +76,12 @@ def _architecture(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, object]
 
 
 def _base_config(arch: Dict[str, object], levels: int) -> str:
-    key = (arch["MODEL.SWIN.EMBED_DIM"], arch["MODEL.SWIN.DEPTHS"], arch["MODEL.SWIN.NUM_HEADS"],
-           arch["MODEL.SWIN.WINDOW_SIZE"])
+    key = (
+        arch["MODEL.SWIN.EMBED_DIM"],
+        arch["MODEL.SWIN.DEPTHS"],
+        arch["MODEL.SWIN.NUM_HEADS"],
+        arch["MODEL.SWIN.WINDOW_SIZE"],
+    )
     if key == _SWIN_T and levels == 4:
         return "configs/dino_swint_4scale.yaml"
     return f"configs/dino_swinl_{levels if key == _SWIN_L and levels in (4, 5) else 4}scale.yaml"
@@ -94,8 +98,10 @@ def infer_swin_config(out: Dict[str, torch.Tensor], in_channels: List[int], leve
     norms = sorted(int(m.group(1)) for m in map(re.compile(r"backbone\.norm(\d+)\.weight\Z").match, out) if m)
     dims = [arch["MODEL.SWIN.EMBED_DIM"] * 2**i for i in norms]
     if dims != in_channels:
-        raise ValueError(f"input_proj levels take {in_channels} channels, but the Swin backbone returns stages "
-                         f"{norms} (backbone.norm*) with {dims} channels")
+        raise ValueError(
+            f"input_proj levels take {in_channels} channels, but the Swin backbone returns stages "
+            f"{norms} (backbone.norm*) with {dims} channels"
+        )
     features = [f"swin{i}" for i in norms]
     config = {**arch, "MODEL.SWIN.OUT_FEATURES": features, "MODEL.DINO.IN_FEATURES": features}
     return config, _base_config(arch, levels)
@@ -113,8 +119,10 @@ def convert_swin_classifier(state_dict: Dict[str, torch.Tensor]):
     if "patch_embed.proj.weight" not in state_dict:
         hit = next((k for k in state_dict if k.startswith("backbone.")), None)
         if hit is not None:
-            raise ValueError(f"{hit!r} is a tensor of a detection checkpoint, not of an ImageNet Swin classifier: "
-                             "use source 'official'")
+            raise ValueError(
+                f"{hit!r} is a tensor of a detection checkpoint, not of an ImageNet Swin classifier: "
+                "use source 'official'"
+            )
         raise KeyError("swin-imagenet checkpoint: patch_embed.proj.weight is missing: not a Swin classifier")
     out, buffers, dropped = {}, 0, []
     for key, tensor in state_dict.items():
@@ -126,8 +134,10 @@ def convert_swin_classifier(state_dict: Dict[str, torch.Tensor]):
         elif _BODY.match(key):
             out["backbone." + key] = tensor.detach().to("cpu").clone()
         else:
-            raise KeyError(f"swin-imagenet checkpoint: unknown tensor {key!r} (not part of a Swin classifier as this "
-                           "converter knows it; absolute position embeddings are not supported)")
+            raise KeyError(
+                f"swin-imagenet checkpoint: unknown tensor {key!r} (not part of a Swin classifier as this "
+                "converter knows it; absolute position embeddings are not supported)"
+            )
     arch = _architecture(out, "backbone.")
     notes = [
         f"{buffers} relative_position_index / attn_mask buffers checked against the architecture, not copied",

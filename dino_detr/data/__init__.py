@@ -1,6 +1,7 @@
 """Data pieces of the DINO project: COCO-format datasets from the config (checked once before
 use), the image reader, the DETR-style dataset mapper and the embedded demo dataset
 (registered here as ``dino_demo_train`` / ``dino_demo_val``)."""
+
 from detectron2.data import DatasetCatalog
 
 from .coco import (
@@ -13,8 +14,8 @@ from .coco import (
     register_config_datasets,
 )
 from .dataset_mapper import DinoDatasetMapper, sanitize_annotations
-from .image_io import read_image
 from .demo_dataset import DEFAULT_SPEC, DemoSpec, default_demo_root, ensure_demo_dataset, register_dino_demo
+from .image_io import read_image
 
 __all__ = [
     "DatasetError",

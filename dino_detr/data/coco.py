@@ -19,6 +19,7 @@ Policy (also in the README, "Your own dataset"):
 The check of a JSON file is cached (``$DINO_DETR_CACHE`` or ``~/.cache/dino_detr``) under
 its absolute path, modification time and size, so a second run skips it.
 """
+
 import hashlib
 import json
 import logging
@@ -110,19 +111,25 @@ def _duplicates(ids: Iterable) -> List:
 def _annotation_problems(data: Dict, json_file: str) -> List[str]:
     category_ids = {c["id"] for c in data["categories"]}
     image_ids = {i["id"] for i in data["images"]}
-    problems = [f"{what} id {i} appears more than once" for what, entries in
-                (("image", data["images"]), ("annotation", data["annotations"]))
-                for i in _duplicates(e["id"] for e in entries)]
+    problems = [
+        f"{what} id {i} appears more than once"
+        for what, entries in (("image", data["images"]), ("annotation", data["annotations"]))
+        for i in _duplicates(e["id"] for e in entries)
+    ]
     for ann in data["annotations"]:
         where = f"annotation id {ann['id']} (image id {ann['image_id']})"
         if ann["category_id"] not in category_ids:
-            problems.append(f"{where}: category_id {ann['category_id']} is not in 'categories' "
-                            f"(ids {sorted(category_ids)})")
+            problems.append(
+                f"{where}: category_id {ann['category_id']} is not in 'categories' (ids {sorted(category_ids)})"
+            )
         if ann["image_id"] not in image_ids:
             problems.append(f"{where}: image_id is not in 'images'")
         box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+        if not (
+            isinstance(box, list)
+            and len(box) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+        ):
             problems.append(f"{where}: bbox {box} is not four finite numbers [x, y, width, height]")
     return problems
 
@@ -137,8 +144,10 @@ def _image_problem(image: Dict, image_root: str) -> Optional[str]:
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         return f"{where}: unreadable ({type(e).__name__}: {e})"
     if (width, height) != (image["width"], image["height"]):
-        return (f"{where}: the JSON says {image['width']}x{image['height']} but the image is {width}x{height} "
-                "(width x height, after its EXIF orientation); fix 'width'/'height' or the file")
+        return (
+            f"{where}: the JSON says {image['width']}x{image['height']} but the image is {width}x{height} "
+            "(width x height, after its EXIF orientation); fix 'width'/'height' or the file"
+        )
     return None
 
 
@@ -191,9 +200,11 @@ def _fix_boxes(records: List[Dict], name: str) -> None:
             kept.append({**obj, "bbox": box, "bbox_mode": BoxMode.XYWH_ABS})
         record["annotations"] = kept
     empty = sum(1 for r in records if not r["annotations"])
-    logger.info(f"Dataset '{name}': {len(records)} images ({empty} without annotations); {clipped} box(es) "
-                f"clipped to their image, {dropped} box(es) with no area dropped, {crowd} iscrowd "
-                "annotation(s) kept for evaluation only")
+    logger.info(
+        f"Dataset '{name}': {len(records)} images ({empty} without annotations); {clipped} box(es) "
+        f"clipped to their image, {dropped} box(es) with no area dropped, {crowd} iscrowd "
+        "annotation(s) kept for evaluation only"
+    )
 
 
 def load_checked_coco_json(json_file: str, image_root: str, name: str) -> List[Dict]:
@@ -213,8 +224,10 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         if (meta.get("json_file"), meta.get("image_root")) != (json_file, image_root):
-            raise ValueError(f"dataset '{name}' is already registered (json_file={meta.get('json_file')}, "
-                             f"image_root={meta.get('image_root')}); choose another name")
+            raise ValueError(
+                f"dataset '{name}' is already registered (json_file={meta.get('json_file')}, "
+                f"image_root={meta.get('image_root')}); choose another name"
+            )
         return
     DatasetCatalog.register(name, lambda: load_checked_coco_json(json_file, image_root, name))
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")

@@ -1,5 +1,6 @@
 """DETR-style dataset mapper: reads an image, sanitizes its annotations, applies DINO's
 augmentation and returns the Detectron2 model input."""
+
 import copy
 import logging
 import os

@@ -11,6 +11,7 @@ Layout of the folder::
 The folder is generated into a temporary sibling and renamed into place, so an
 interrupted run never leaves a partial dataset behind.
 """
+
 import dataclasses
 import json
 import logging

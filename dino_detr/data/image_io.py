@@ -1,5 +1,6 @@
 """Reading dataset images the way Detectron2 does (PIL, EXIF orientation applied), with
 16-bit images scaled to 8 bit instead of saturated."""
+
 import numpy as np
 from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
 from PIL import Image

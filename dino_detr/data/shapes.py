@@ -4,6 +4,7 @@ with known boxes, and unannotated clutter.
 Everything is drawn with OpenCV from a ``numpy.random.Generator``, so an image is a
 pure function of the generator's seed.
 """
+
 from typing import Dict, List, Tuple
 
 import cv2

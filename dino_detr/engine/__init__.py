@@ -1,5 +1,6 @@
 """Training pieces of the DINO project: optimizer, NaN guard, EMA, reseeding, resumable
 data stream, the ``OUTPUT_DIR`` lock and the ``DinoTrainer`` that combines them."""
+
 from .amp import AMP_PRECISIONS, MixedPrecisionTrainer, amp_precision
 from .ema import EMAHook, ModelEMA
 from .nan_guard import FiniteCheckpointer, check_finite_grad_norm

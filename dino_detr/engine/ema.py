@@ -1,5 +1,6 @@
 """Exponential moving average (EMA) of the model weights, kept in the checkpoints and used
 for evaluation when ``MODEL_EMA.ENABLED``."""
+
 import contextlib
 from typing import Dict
 
@@ -27,9 +28,7 @@ class ModelEMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"MODEL_EMA.DECAY must be in [0, 1), got {decay}")
         self.decay = decay
-        self.shadow: Dict[str, torch.Tensor] = {
-            k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()
-        }
+        self.shadow: Dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -1,5 +1,6 @@
 """Guards against non-finite training: stop before a non-finite update is applied, and
 never write non-finite weights to a checkpoint."""
+
 import contextlib
 import math
 import os

@@ -1,4 +1,5 @@
 """AdamW with a lower backbone learning rate and full-model gradient clipping (DINO)."""
+
 from typing import Dict, List
 
 import torch
@@ -10,8 +11,7 @@ from .nan_guard import check_finite_grad_norm
 __all__ = ["build_dino_optimizer", "dino_param_groups"]
 
 
-def dino_param_groups(model: nn.Module, base_lr: float, backbone_multiplier: float,
-                      weight_decay: float) -> List[Dict]:
+def dino_param_groups(model: nn.Module, base_lr: float, backbone_multiplier: float, weight_decay: float) -> List[Dict]:
     """Two parameter groups: ``backbone.*`` at ``base_lr * backbone_multiplier``, the rest
     at ``base_lr``; both with ``weight_decay``. Frozen and shared parameters are listed once."""
     backbone, rest = [], []

@@ -1,5 +1,6 @@
 """``DinoPredictor``: Detectron2's ``DefaultPredictor`` that accepts more image formats
 (:func:`to_bgr_uint8`) and refuses images too small for the model."""
+
 import numpy as np
 from detectron2.engine import DefaultPredictor
 
@@ -7,6 +8,7 @@ __all__ = ["DinoPredictor", "MIN_RESIZED_SIDE", "to_bgr_uint8"]
 
 # Both sides of the resized network input must have at least one stride-32 feature cell.
 MIN_RESIZED_SIDE = 32
+
 
 def to_bgr_uint8(image: np.ndarray) -> np.ndarray:
     """The (H, W, 3) uint8 BGR image ``DefaultPredictor`` expects, from any of:
@@ -24,8 +26,9 @@ def to_bgr_uint8(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"image of shape {image.shape}: expected (H, W) or (H, W, 1) grayscale, (H, W, 3) BGR "
-                         "or (H, W, 4) BGRA")
+        raise ValueError(
+            f"image of shape {image.shape}: expected (H, W) or (H, W, 1) grayscale, (H, W, 3) BGR or (H, W, 4) BGRA"
+        )
     if image.size == 0:
         raise ValueError(f"empty image of shape {image.shape}: expected at least one pixel")
     image = image[:, :, :3] if image.shape[2] == 4 else image

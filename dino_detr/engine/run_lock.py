@@ -1,4 +1,5 @@
 """One training run per ``OUTPUT_DIR``: a lock file holding the owner's pid and host."""
+
 import atexit
 import contextlib
 import logging

@@ -1,6 +1,7 @@
 """Per-iteration reseeding: makes every random draw of iteration i (augmentation with
 ``DATALOADER.NUM_WORKERS: 0``, denoising noise, dropout) a function of (SEED, i, rank), so
 a resumed run continues exactly like an uninterrupted one."""
+
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng

@@ -1,5 +1,6 @@
 """Training data loader that can start in the middle of its sample stream, so a resumed
 run sees the batches an uninterrupted run would have seen."""
+
 import itertools
 
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
@@ -29,9 +30,7 @@ def build_dino_train_loader(cfg, start_iter: int = 0):
     >= 0. The resumed stream is exact without ``DATALOADER.ASPECT_RATIO_GROUPING`` (grouping
     reorders samples into batches). ``MODEL.DINO.NUM_CLASSES`` must equal the number of
     categories of the training datasets."""
-    dataset = get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-    )
+    dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     check_num_classes(cfg.MODEL.DINO.NUM_CLASSES, cfg.DATASETS.TRAIN)
     per_worker_batch = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
     sampler = ResumableTrainingSampler(

@@ -1,6 +1,7 @@
 """``DinoTrainer``: Detectron2's ``DefaultTrainer`` with DINO's data, optimizer, EMA and
 safety hooks. Checkpointing, resume, periodic evaluation, metric printing and TensorBoard
 events are Detectron2's own."""
+
 import contextlib
 import logging
 import os

@@ -110,9 +110,7 @@ class MSDeformAttn(nn.Module):
             offsets.view(n, num_queries, m, l * p * 2).to(loc_dtype),
             _per_point(scale, p).to(loc_dtype),
         ).view(n, num_queries, m, l, p, 2)
-        out = ms_deform_attn(
-            value.to(value_dtype), spatial_shapes, level_start_index, locations, weights.to(loc_dtype)
-        )
+        out = ms_deform_attn(value.to(value_dtype), spatial_shapes, level_start_index, locations, weights.to(loc_dtype))
         return self.output_proj(out.to(query.dtype))
 
     def _check_inputs(self, query, reference_points, value, padding_mask):
@@ -120,16 +118,19 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"MSDeformAttn: query must be (N, Lq, {self.embed_dim}), got {tuple(query.shape)}")
         n, num_queries, _ = query.shape
         if value.dim() != 3 or value.shape[0] != n or value.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"MSDeformAttn: value must be (N={n}, S, {self.embed_dim}), got {tuple(value.shape)}"
-            )
-        if reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != (n, num_queries, self.num_levels) \
-                or reference_points.shape[-1] not in (2, 4):
+            raise ValueError(f"MSDeformAttn: value must be (N={n}, S, {self.embed_dim}), got {tuple(value.shape)}")
+        if (
+            reference_points.dim() != 4
+            or tuple(reference_points.shape[:3]) != (n, num_queries, self.num_levels)
+            or reference_points.shape[-1] not in (2, 4)
+        ):
             raise ValueError(
                 f"MSDeformAttn: reference_points must be (N={n}, Lq={num_queries}, L={self.num_levels}, 2 or 4), "
                 f"got {tuple(reference_points.shape)}"
             )
-        if padding_mask is not None and (padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != tuple(value.shape[:2])):
+        if padding_mask is not None and (
+            padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != tuple(value.shape[:2])
+        ):
             raise ValueError(
                 f"MSDeformAttn: padding_mask must be bool (N, S)={tuple(value.shape[:2])}, "
                 f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"

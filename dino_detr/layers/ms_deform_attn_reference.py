@@ -36,9 +36,7 @@ def ms_deform_attn_reference(
     del level_start_index
     dtype = torch.promote_types(value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype))
     out_dtype = value.dtype
-    value, sampling_locations, attention_weights = (
-        t.to(dtype) for t in (value, sampling_locations, attention_weights)
-    )
+    value, sampling_locations, attention_weights = (t.to(dtype) for t in (value, sampling_locations, attention_weights))
     n, _, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]

@@ -35,8 +35,17 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                memory_padding_mask, self_attn_mask=None):
+    def forward(
+        self,
+        tgt,
+        query_pos,
+        reference_points,
+        memory,
+        spatial_shapes,
+        level_start_index,
+        memory_padding_mask,
+        self_attn_mask=None,
+    ):
         """
         Args:
             tgt, query_pos: (N, Q, C) content queries and their position embedding.
@@ -49,8 +58,9 @@ class DeformableDecoderLayer(nn.Module):
         q = k = tgt + query_pos
         attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attn))
-        attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                               memory_padding_mask)
+        attn = self.cross_attn(
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
+        )
         tgt = self.norm1(tgt + self.dropout1(attn))
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
         return self.norm3(tgt + self.dropout4(ffn))
@@ -119,8 +129,16 @@ class DeformableDecoder(nn.Module):
         for layer, box_head in zip(self.layers, self.bbox_embed):
             reference_input = reference[:, :, None] * level_scale  # (N, Q, L, 4)
             query_pos = self.ref_point_head(box_sine_embedding(reference_input[:, :, 0], self.d_model // 2))
-            output = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index,
-                           memory_padding_mask, self_attn_mask)
+            output = layer(
+                output,
+                query_pos,
+                reference_input,
+                memory,
+                spatial_shapes,
+                level_start_index,
+                memory_padding_mask,
+                self_attn_mask,
+            )
             refined = refine_box(box_head(output), reference)
             boxes.append(refined)
             reference = refined.detach()

@@ -46,7 +46,7 @@ class DeformableEncoderLayer(nn.Module):
             return self.feed_forward(src)
         out = torch.empty_like(src)
         for start in range(0, num_tokens, chunk_size):
-            out[:, start:start + chunk_size] = self.feed_forward(src[:, start:start + chunk_size])
+            out[:, start : start + chunk_size] = self.feed_forward(src[:, start : start + chunk_size])
         return out
 
     def feed_forward(self, src):

@@ -74,7 +74,7 @@ class InputProjection(nn.ModuleList):
             raise ValueError(f"InputProjection: expected {self.num_backbone_levels} features, got {len(features)}")
         srcs = [proj(f) for proj, f in zip(self, features)]
         last = features[-1]
-        for proj in list(self)[self.num_backbone_levels:]:
+        for proj in list(self)[self.num_backbone_levels :]:
             last = proj(last)
             srcs.append(last)
         masks = [downsample_mask(image_mask, s.shape[-2:]) for s in srcs]

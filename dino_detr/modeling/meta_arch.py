@@ -14,11 +14,11 @@ from torchvision.ops import box_convert
 
 from dino_detr.config import check_dino_config
 
-from .input_projection import InputProjection
 from .criterion import SetCriterion
 from .decoder import look_forward_twice
 from .denoising import DenoisingQueries, contrastive_denoising, dn_positive_indices
 from .heads import make_box_head, make_class_head, per_layer_heads
+from .input_projection import InputProjection
 from .matcher import HungarianMatcher
 from .position_encoding import build_position_embedding
 from .transformer import DeformableTransformer
@@ -39,15 +39,19 @@ def check_images(batched_inputs: List[Dict], channels: int) -> None:
     for i, x in enumerate(batched_inputs):
         image = x["image"]
         if image.dim() != 3 or image.shape[0] != channels or image.numel() == 0:
-            raise ValueError(f"DinoDetr: image {_name(batched_inputs, i)} has shape {tuple(image.shape)}; expected a "
-                             f"non-empty ({channels}, H, W) tensor in the model's INPUT.FORMAT")
+            raise ValueError(
+                f"DinoDetr: image {_name(batched_inputs, i)} has shape {tuple(image.shape)}; expected a "
+                f"non-empty ({channels}, H, W) tensor in the model's INPUT.FORMAT"
+            )
         if image.is_floating_point():
             low, high = torch.stack(torch.aminmax(image.detach())).tolist()  # NaN propagates; one pass
             if not (math.isfinite(low) and math.isfinite(high)):
                 raise ValueError(f"DinoDetr: image {_name(batched_inputs, i)} has NaN or Inf pixel values")
             if 0 <= low and 0 < high <= 1:
-                logger.warning(f"DinoDetr: image {_name(batched_inputs, i)} has values in [0, 1]; the model expects "
-                               "0-255 pixel values (DinoPredictor scales [0, 1] float images)")
+                logger.warning(
+                    f"DinoDetr: image {_name(batched_inputs, i)} has values in [0, 1]; the model expects "
+                    "0-255 pixel values (DinoPredictor scales [0, 1] float images)"
+                )
 
 
 def check_training_targets(batched_inputs: List[Dict], num_classes: int) -> None:
@@ -69,14 +73,18 @@ def check_training_targets(batched_inputs: List[Dict], num_classes: int) -> None
         classes, boxes = bad_classes(inst).nonzero().flatten(), bad_boxes(inst).nonzero().flatten()
         if len(classes):
             j = int(classes[0])
-            raise ValueError(f"DinoDetr: image {_name(batched_inputs, i)}: ground-truth class "
-                             f"{int(inst.gt_classes[j])} (instance {j}) is outside [0, {num_classes}) "
-                             "(MODEL.DINO.NUM_CLASSES)")
+            raise ValueError(
+                f"DinoDetr: image {_name(batched_inputs, i)}: ground-truth class "
+                f"{int(inst.gt_classes[j])} (instance {j}) is outside [0, {num_classes}) "
+                "(MODEL.DINO.NUM_CLASSES)"
+            )
         if len(boxes):
             j = int(boxes[0])
-            raise ValueError(f"DinoDetr: image {_name(batched_inputs, i)}: ground-truth box "
-                             f"{inst.gt_boxes.tensor[j].tolist()} (instance {j}, XYXY) must be finite with positive "
-                             "width and height")
+            raise ValueError(
+                f"DinoDetr: image {_name(batched_inputs, i)}: ground-truth box "
+                f"{inst.gt_boxes.tensor[j].tolist()} (instance {j}, XYXY) must be finite with positive "
+                "width and height"
+            )
 
 
 def image_padding_mask(image_sizes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -104,8 +112,11 @@ def top_detections(logits: torch.Tensor, boxes: torch.Tensor, image_sizes: torch
     """
     num_classes = logits.shape[-1]
     scores, index = logits.sigmoid().flatten(1).topk(num_select, dim=1)
-    boxes = torch.gather(box_convert(boxes, "cxcywh", "xyxy"), 1,
-                         torch.div(index, num_classes, rounding_mode="floor")[..., None].expand(-1, -1, 4))
+    boxes = torch.gather(
+        box_convert(boxes, "cxcywh", "xyxy"),
+        1,
+        torch.div(index, num_classes, rounding_mode="floor")[..., None].expand(-1, -1, 4),
+    )
     scale = image_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)[:, None]  # (N, 1, 4): w, h, w, h
     return boxes * scale, scores, index % num_classes
 
@@ -217,8 +228,9 @@ class DinoDetr(nn.Module):
             "backbone": backbone,
             "in_features": list(d.IN_FEATURES),
             "transformer": transformer,
-            "input_proj": InputProjection([shapes[f].channels for f in d.IN_FEATURES], d.HIDDEN_DIM,
-                                          d.NUM_FEATURE_LEVELS),
+            "input_proj": InputProjection(
+                [shapes[f].channels for f in d.IN_FEATURES], d.HIDDEN_DIM, d.NUM_FEATURE_LEVELS
+            ),
             "position_embedding": build_position_embedding(
                 d.POSITION_EMBEDDING, d.HIDDEN_DIM, d.PE_TEMPERATURE_H, d.PE_TEMPERATURE_W, d.PE_OFFSET
             ),
@@ -261,8 +273,7 @@ class DinoDetr(nn.Module):
             h, w = inst.image_size
             scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes = inst.gt_boxes.tensor.to(self.device) / scale
-            targets.append({"labels": inst.gt_classes.to(self.device),
-                            "boxes": box_convert(boxes, "xyxy", "cxcywh")})
+            targets.append({"labels": inst.gt_classes.to(self.device), "boxes": box_convert(boxes, "xyxy", "cxcywh")})
         return targets
 
     def forward(self, batched_inputs: List[Dict]):
@@ -291,9 +302,13 @@ class DinoDetr(nn.Module):
     def contrastive_denoising(self, targets) -> Optional[DenoisingQueries]:
         """Denoising queries of this batch (None when disabled or when it has no box)."""
         return contrastive_denoising(
-            [t["labels"] for t in targets], [t["boxes"] for t in targets], self.label_enc,
-            num_queries=self.transformer.num_queries, dn_number=self.dn_number,
-            label_noise_ratio=self.dn_label_noise_ratio, box_noise_scale=self.dn_box_noise_scale,
+            [t["labels"] for t in targets],
+            [t["boxes"] for t in targets],
+            self.label_enc,
+            num_queries=self.transformer.num_queries,
+            dn_number=self.dn_number,
+            label_noise_ratio=self.dn_label_noise_ratio,
+            box_noise_scale=self.dn_box_noise_scale,
             num_classes=self.num_classes,
         )
 
@@ -304,8 +319,9 @@ class DinoDetr(nn.Module):
             return _compiled_predict(self.compile_backend)(self, images.tensor, self.padding_mask(images))
         return self.predict_padded(images.tensor, self.padding_mask(images), dn)
 
-    def predict_padded(self, images: torch.Tensor, mask: torch.Tensor,
-                       dn: Optional[DenoisingQueries] = None) -> Dict[str, object]:
+    def predict_padded(
+        self, images: torch.Tensor, mask: torch.Tensor, dn: Optional[DenoisingQueries] = None
+    ) -> Dict[str, object]:
         """Runs the network on normalized, padded images.
 
         Args:
@@ -325,8 +341,9 @@ class DinoDetr(nn.Module):
             out = self.transformer(srcs, masks, pos, dn.tgt, dn.anchors_unsig, dn.attn_mask)
         pad = 0 if dn is None else dn.pad_size
         layers, dn_layers = [], []
-        for class_head, box_head, hidden, reference in zip(self.class_embed, self.bbox_embed, out["hidden"],
-                                                          out["boxes"][:-1]):
+        for class_head, box_head, hidden, reference in zip(
+            self.class_embed, self.bbox_embed, out["hidden"], out["boxes"][:-1]
+        ):
             logits = class_head(hidden)
             boxes = look_forward_twice(box_head, hidden, reference)
             layers.append({"pred_logits": logits[:, pad:], "pred_boxes": boxes[:, pad:]})
@@ -348,8 +365,12 @@ class DinoDetr(nn.Module):
             return losses
         dn_layers = outputs["dn_layers"] if self.aux_loss else outputs["dn_layers"][-1:]
         return self.criterion(
-            layers, targets, enc_outputs=outputs["enc"] if self.enc_loss else None, dn_outputs=dn_layers,
-            dn_indices=dn_positive_indices([len(t["labels"]) for t in targets], dn), dn_num_groups=dn.num_groups,
+            layers,
+            targets,
+            enc_outputs=outputs["enc"] if self.enc_loss else None,
+            dn_outputs=dn_layers,
+            dn_indices=dn_positive_indices([len(t["labels"]) for t in targets], dn),
+            dn_num_groups=dn.num_groups,
         )
 
     def inference(self, outputs, image_sizes, batched_inputs) -> List[Dict[str, Instances]]:

@@ -29,8 +29,9 @@ class PositionEmbeddingSineHW(nn.Module):
             detrex's models use -0.5, i.e. pixel centres).
     """
 
-    def __init__(self, num_pos_feats: int = 128, temperature_h: float = 20, temperature_w: float = 20,
-                 offset: float = 0.0):
+    def __init__(
+        self, num_pos_feats: int = 128, temperature_h: float = 20, temperature_w: float = 20, offset: float = 0.0
+    ):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature_h = temperature_h
@@ -67,9 +68,7 @@ class PositionEmbeddingLearned(nn.Module):
         n, h, w = mask.shape
         max_size = self.row_embed.num_embeddings
         if h > max_size or w > max_size:
-            raise ValueError(
-                f"PositionEmbeddingLearned: feature map {h}x{w} exceeds the learned table size {max_size}"
-            )
+            raise ValueError(f"PositionEmbeddingLearned: feature map {h}x{w} exceeds the learned table size {max_size}")
         x_emb = self.col_embed(torch.arange(w, device=mask.device))
         y_emb = self.row_embed(torch.arange(h, device=mask.device))
         pos = torch.cat([x_emb[None].expand(h, w, -1), y_emb[:, None].expand(h, w, -1)], dim=-1)
@@ -89,8 +88,9 @@ def box_sine_embedding(boxes: torch.Tensor, num_feats: int = 128, temperature: f
     return torch.cat(feats, dim=-1)
 
 
-def build_position_embedding(kind: str, hidden_dim: int, temperature_h: float, temperature_w: float,
-                             offset: float = 0.0) -> nn.Module:
+def build_position_embedding(
+    kind: str, hidden_dim: int, temperature_h: float, temperature_w: float, offset: float = 0.0
+) -> nn.Module:
     """``kind`` in {"sine", "learned"}; each axis gets ``hidden_dim // 2`` features."""
     if kind == "sine":
         return PositionEmbeddingSineHW(hidden_dim // 2, temperature_h, temperature_w, offset)

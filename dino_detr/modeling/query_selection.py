@@ -28,7 +28,7 @@ def encoder_output_proposals(
     proposals = []
     start = 0
     for lvl, (h, w) in enumerate(level_shapes):
-        level_mask = padding_mask[:, start:start + h * w].view(n, h, w)
+        level_mask = padding_mask[:, start : start + h * w].view(n, h, w)
         valid_h = (~level_mask[:, :, 0]).sum(1)
         valid_w = (~level_mask[:, 0, :]).sum(1)
         grid_y, grid_x = torch.meshgrid(
@@ -39,7 +39,7 @@ def encoder_output_proposals(
         grid = torch.stack([grid_x, grid_y], -1)  # (h, w, 2)
         scale = torch.stack([valid_w, valid_h], 1).view(n, 1, 1, 2)
         centers = (grid[None] + 0.5) / scale
-        sizes = torch.full_like(centers, 0.05 * (2.0 ** lvl))
+        sizes = torch.full_like(centers, 0.05 * (2.0**lvl))
         proposals.append(torch.cat((centers, sizes), -1).view(n, -1, 4))
         start += h * w
     proposals = torch.cat(proposals, 1)

@@ -182,8 +182,17 @@ class SwinStage(nn.Module):
         use_checkpoint: recompute each block's activations in the backward pass (training memory).
     """
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float,
-                 drop_paths: Sequence[float], downsample: bool, use_checkpoint: bool):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        mlp_ratio: float,
+        drop_paths: Sequence[float],
+        downsample: bool,
+        use_checkpoint: bool,
+    ):
         super().__init__()
         self.window = window
         self.shift = window // 2
@@ -241,13 +250,27 @@ class SwinTransformer(Backbone):
         use_checkpoint: activation checkpointing of every block during training.
     """
 
-    def __init__(self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], window: int,
-                 out_features: Sequence[str], patch_size: int = 4, in_chans: int = 3, mlp_ratio: float = 4.0,
-                 drop_path_rate: float = 0.2, freeze_at: int = 0, use_checkpoint: bool = False):
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        window: int,
+        out_features: Sequence[str],
+        patch_size: int = 4,
+        in_chans: int = 3,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.2,
+        freeze_at: int = 0,
+        use_checkpoint: bool = False,
+    ):
         super().__init__()
         if len(depths) != len(num_heads):
-            raise ValueError(f"MODEL.SWIN.DEPTHS {list(depths)} and MODEL.SWIN.NUM_HEADS {list(num_heads)} "
-                             "must have one entry per stage")
+            raise ValueError(
+                f"MODEL.SWIN.DEPTHS {list(depths)} and MODEL.SWIN.NUM_HEADS {list(num_heads)} "
+                "must have one entry per stage"
+            )
         names = [f"swin{i}" for i in range(len(depths))]
         unknown = [f for f in out_features if f not in names]
         if unknown or not out_features:
@@ -258,8 +281,16 @@ class SwinTransformer(Backbone):
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         dims = [embed_dim * 2**i for i in range(len(depths))]
         self.layers = nn.ModuleList(
-            SwinStage(dims[i], depths[i], num_heads[i], window, mlp_ratio, rates[sum(depths[:i]):sum(depths[:i + 1])],
-                      downsample=i < len(depths) - 1, use_checkpoint=use_checkpoint)
+            SwinStage(
+                dims[i],
+                depths[i],
+                num_heads[i],
+                window,
+                mlp_ratio,
+                rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                downsample=i < len(depths) - 1,
+                use_checkpoint=use_checkpoint,
+            )
             for i in range(len(depths))
         )
         self.out_indices = sorted(names.index(f) for f in out_features)
@@ -272,7 +303,7 @@ class SwinTransformer(Backbone):
         self._frozen = self._freeze(freeze_at)
 
     def _freeze(self, freeze_at: int) -> List[nn.Module]:
-        frozen = ([self.patch_embed] if freeze_at >= 1 else []) + list(self.layers[:max(freeze_at - 1, 0)])
+        frozen = ([self.patch_embed] if freeze_at >= 1 else []) + list(self.layers[: max(freeze_at - 1, 0)])
         frozen += [getattr(self, f"norm{i}") for i in self.out_indices if i < freeze_at - 1]
         for module in frozen:
             module.requires_grad_(False)
@@ -308,8 +339,15 @@ def build_swin_backbone(cfg, input_shape: ShapeSpec):
     """Backbone ``"build_swin_backbone"`` configured by ``cfg.MODEL.SWIN`` and ``MODEL.BACKBONE.FREEZE_AT``."""
     s = cfg.MODEL.SWIN
     return SwinTransformer(
-        embed_dim=s.EMBED_DIM, depths=s.DEPTHS, num_heads=s.NUM_HEADS, window=s.WINDOW_SIZE,
-        out_features=s.OUT_FEATURES, patch_size=s.PATCH_SIZE, in_chans=input_shape.channels,
-        mlp_ratio=s.MLP_RATIO, drop_path_rate=s.DROP_PATH_RATE, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        embed_dim=s.EMBED_DIM,
+        depths=s.DEPTHS,
+        num_heads=s.NUM_HEADS,
+        window=s.WINDOW_SIZE,
+        out_features=s.OUT_FEATURES,
+        patch_size=s.PATCH_SIZE,
+        in_chans=input_shape.channels,
+        mlp_ratio=s.MLP_RATIO,
+        drop_path_rate=s.DROP_PATH_RATE,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         use_checkpoint=s.USE_CHECKPOINT,
     )

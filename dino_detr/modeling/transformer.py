@@ -161,7 +161,13 @@ class DeformableTransformer(nn.Module):
             tgt = torch.cat([dn_tgt, tgt], 1)
             anchors_unsig = torch.cat([dn_anchors_unsig, anchors_unsig], 1)
         hidden, boxes = self.decoder(
-            tgt, anchors_unsig.sigmoid(), memory, spatial_shapes, level_start_index, ratios, attn_padding_mask,
+            tgt,
+            anchors_unsig.sigmoid(),
+            memory,
+            spatial_shapes,
+            level_start_index,
+            ratios,
+            attn_padding_mask,
             attn_mask,
         )
         return {"hidden": hidden, "boxes": boxes, "enc_logits": enc_logits, "enc_boxes": enc_boxes}

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-__all__ = ["EmulatedCuda", "cuda_emulation", "default_library", "DTYPE_CODES"]
+__all__ = ["EmulatedCuda", "default_library", "load_emulation", "DTYPE_CODES"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,20 +64,43 @@ class EmulatedCuda:
         n, _, m, d = value.shape
         out = torch.full((n, loc.shape[1], m * d), prefill, dtype=value.dtype)
         sizes = _sizes(value, loc, shapes)
-        self._call(self.lib.msda_emu_forward, value, loc, value.data_ptr(), shapes.data_ptr(), starts.data_ptr(),
-                   loc.data_ptr(), attn.data_ptr(), out.data_ptr(), sizes.data_ptr())
+        self._call(
+            self.lib.msda_emu_forward,
+            value,
+            loc,
+            value.data_ptr(),
+            shapes.data_ptr(),
+            starts.data_ptr(),
+            loc.data_ptr(),
+            attn.data_ptr(),
+            out.data_ptr(),
+            sizes.data_ptr(),
+        )
         return out
 
     def backward(self, grad_out, value, shapes, starts, loc, attn):
         """(grad_value, grad_sampling_locations, grad_attention_weights), as the CUDA operator returns them."""
         grad_out, value, shapes, starts, loc, attn = (
-            t.contiguous() for t in (grad_out, value, shapes, starts, loc, attn))
+            t.contiguous() for t in (grad_out, value, shapes, starts, loc, attn)
+        )
         gv = torch.zeros(value.shape, dtype=self._grad_value_dtype(value.dtype))
         gl, ga = torch.zeros_like(loc), torch.zeros_like(attn)
         sizes = _sizes(value, loc, shapes)
-        self._call(self.lib.msda_emu_backward, value, loc, grad_out.data_ptr(), value.data_ptr(), shapes.data_ptr(),
-                   starts.data_ptr(), loc.data_ptr(), attn.data_ptr(), gv.data_ptr(), gl.data_ptr(), ga.data_ptr(),
-                   sizes.data_ptr())
+        self._call(
+            self.lib.msda_emu_backward,
+            value,
+            loc,
+            grad_out.data_ptr(),
+            value.data_ptr(),
+            shapes.data_ptr(),
+            starts.data_ptr(),
+            loc.data_ptr(),
+            attn.data_ptr(),
+            gv.data_ptr(),
+            gl.data_ptr(),
+            ga.data_ptr(),
+            sizes.data_ptr(),
+        )
         return gv.to(value.dtype), gl, ga
 
     def _make_op(self):

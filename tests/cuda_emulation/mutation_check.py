@@ -26,25 +26,43 @@ SAMPLE = "ms_deform_attn_sample.h"
 # name: (file under dino_detr/csrc, text, replacement); every occurrence is replaced.
 MUTANTS = {
     "off-by-one channel bound": (
-        KERNELS, "for (int64_t d = lane; d < s.channels; d += s.group) {\n      acc_t acc = 0;",
-        "for (int64_t d = lane; d <= s.channels; d += s.group) {\n      acc_t acc = 0;"),
+        KERNELS,
+        "for (int64_t d = lane; d < s.channels; d += s.group) {\n      acc_t acc = 0;",
+        "for (int64_t d = lane; d <= s.channels; d += s.group) {\n      acc_t acc = 0;",
+    ),
     "off-by-one corner bound": (SAMPLE, "in_x1 = x0 + 1 < w", "in_x1 = x0 + 1 <= w"),
     "overflowing level bound": (
-        SAMPLE, "start <= spatial && h <= (spatial - start) / w", "start <= spatial && h * w <= spatial - start"),
+        SAMPLE,
+        "start <= spatial && h <= (spatial - start) / w",
+        "start <= spatial && h * w <= spatial - start",
+    ),
     "wrong head index": (KERNELS, "m = qm % s.heads;", "m = qm / s.queries % s.heads;"),
     "wrong shuffle mask": (
-        KERNELS, "(((1u << s.group) - 1u) << ((threadIdx.x % 32) / s.group * s.group))", "((1u << s.group) - 1u)"),
+        KERNELS,
+        "(((1u << s.group) - 1u) << ((threadIdx.x % 32) / s.group * s.group))",
+        "((1u << s.group) - 1u)",
+    ),
     "divergent shuffle": (
-        KERNELS, "for (int c = 0; c < 4; ++c) dot[c] = group_sum(dot[c], s.group, mask);",
-        "for (int c = 0; c < 4; ++c) {\n          if (lane < s.channels) dot[c] = group_sum(dot[c], s.group, mask);\n        }"),
+        KERNELS,
+        "for (int c = 0; c < 4; ++c) dot[c] = group_sum(dot[c], s.group, mask);",
+        "for (int c = 0; c < 4; ++c) {\n          if (lane < s.channels) dot[c] = group_sum(dot[c], s.group, mask);\n        }",
+    ),
     "wrong grid stride": (
-        KERNELS, "static_cast<int64_t>(gridDim.x) * groups_per_block;", "static_cast<int64_t>(gridDim.x) * blockDim.x;"),
+        KERNELS,
+        "static_cast<int64_t>(gridDim.x) * groups_per_block;",
+        "static_cast<int64_t>(gridDim.x) * blockDim.x;",
+    ),
     "a lane that never writes": (
-        KERNELS, "      out[qm * s.channels + d] = static_cast<scalar_t>(acc);",
-        "      if (lane != 1) out[qm * s.channels + d] = static_cast<scalar_t>(acc);"),
+        KERNELS,
+        "      out[qm * s.channels + d] = static_cast<scalar_t>(acc);",
+        "      if (lane != 1) out[qm * s.channels + d] = static_cast<scalar_t>(acc);",
+    ),
     "wrong gradient scale": (SAMPLE, "grad_x = a * static_cast<T>(w) * dfx;", "grad_x = a * static_cast<T>(h) * dfx;"),
     "half-precision atomics": (
-        KERNELS, "using grad_value_acc_t = at::opmath_type<scalar_t>;", "using grad_value_acc_t = scalar_t;"),
+        KERNELS,
+        "using grad_value_acc_t = at::opmath_type<scalar_t>;",
+        "using grad_value_acc_t = scalar_t;",
+    ),
 }
 
 TESTS = ["tests/test_ms_deform_attn_cuda_emulation.py", "tests/test_ms_deform_attn_cuda.py"]
@@ -64,11 +82,24 @@ def run_mutant(name, edit, work, timeout):
         f.write(code.replace(text, replacement))
     library = os.path.join(csrc, "libmsda_emu.so")
     env = dict(os.environ, MSDA_CSRC=csrc, PYTHON=sys.executable)
-    subprocess.run([os.path.join(ROOT, "tests", "cuda_emulation", "build.sh"), library, "base"], env=env,
-                   check=True, cwd=ROOT)
+    subprocess.run(
+        [os.path.join(ROOT, "tests", "cuda_emulation", "build.sh"), library, "base"], env=env, check=True, cwd=ROOT
+    )
     env = dict(os.environ, DINO_DETR_CUDA_EMU=library, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "not gpu", "-W", "ignore",
-               *TESTS]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "not gpu",
+        "-W",
+        "ignore",
+        *TESTS,
+    ]
     try:
         result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -76,7 +107,7 @@ def run_mutant(name, edit, work, timeout):
     if result.returncode == 0:
         return False, "all emulated tests pass"
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
-    return True, failed[0][len("FAILED "):] if failed else f"crashes (exit {result.returncode})"
+    return True, failed[0][len("FAILED ") :] if failed else f"crashes (exit {result.returncode})"
 
 
 def main():
@@ -91,8 +122,10 @@ def main():
             start = time.time()
             was_caught, what = run_mutant(name, MUTANTS[name], work, args.timeout)
             caught += was_caught
-            print(f"{'caught  ' if was_caught else 'SURVIVED'} {name:28s} {time.time() - start:5.0f} s  {what[:150]}",
-                  flush=True)
+            print(
+                f"{'caught  ' if was_caught else 'SURVIVED'} {name:28s} {time.time() - start:5.0f} s  {what[:150]}",
+                flush=True,
+            )
     print(f"caught {caught} of {len(names)}")
     return 0 if caught == len(names) else 1
 
