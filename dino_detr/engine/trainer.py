@@ -3,7 +3,6 @@ safety hooks. Checkpointing, resume, periodic evaluation, metric printing and Te
 events are Detectron2's own."""
 
 import contextlib
-import logging
 import os
 import weakref
 
@@ -12,6 +11,7 @@ from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
 
+from dino_detr.compat import TRAINER_CHECKPOINTS_LOOP_STATE, replace_data_loader
 from dino_detr.data import DinoDatasetMapper
 
 from .amp import MixedPrecisionTrainer, amp_precision
@@ -23,12 +23,6 @@ from .seeding import IterationSeedHook
 from .train_loader import build_dino_train_loader
 
 __all__ = ["DinoTrainer"]
-
-logger = logging.getLogger(__name__)
-
-# Detectron2 v0.6's DefaultTrainer checkpoints neither the optimizer nor the AMP grad scaler
-# (newer versions store the inner loop's state as "_trainer").
-_D2_CHECKPOINTS_LOOP_STATE = "state_dict" in vars(DefaultTrainer)
 
 
 class DinoTrainer(DefaultTrainer):
@@ -81,28 +75,18 @@ class DinoTrainer(DefaultTrainer):
     def resume_or_load(self, resume: bool = True):
         super().resume_or_load(resume=resume)
         if self.start_iter > 0:
-            self._set_data_loader(self.build_train_loader(self.cfg, self.start_iter))
+            replace_data_loader(self._trainer, self.build_train_loader(self.cfg, self.start_iter))
 
     def state_dict(self):
         state = super().state_dict()
-        if not _D2_CHECKPOINTS_LOOP_STATE:
+        if not TRAINER_CHECKPOINTS_LOOP_STATE:
             state["_trainer"] = self._trainer.state_dict()
         return state
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        if not _D2_CHECKPOINTS_LOOP_STATE and "_trainer" in state_dict:
+        if not TRAINER_CHECKPOINTS_LOOP_STATE and "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
-
-    def _set_data_loader(self, data_loader):
-        """Replaces the loop's data loader (Detectron2 v0.6 creates its iterator eagerly,
-        newer versions lazily)."""
-        trainer = self._trainer
-        trainer.data_loader = data_loader
-        if "_data_loader_iter_obj" in vars(trainer):
-            trainer._data_loader_iter_obj = None
-        else:
-            trainer._data_loader_iter = iter(data_loader)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
