@@ -2,6 +2,7 @@
 
 The rest of the project uses only API that both have.
 """
+
 from detectron2.engine import DefaultTrainer
 
 __all__ = ["TRAINER_CHECKPOINTS_LOOP_STATE", "replace_data_loader"]
