@@ -13,30 +13,9 @@ from detectron2.structures import Boxes, Instances
 from dino_detr import get_dino_cfg
 from dino_detr.engine import DinoPredictor, to_bgr_uint8
 
-from train_utils import REPO
+from train_utils import REPO, TINY_MODEL
 
-TINY = [
-    "MODEL.DEVICE",
-    "cpu",
-    "MODEL.DINO.HIDDEN_DIM",
-    "64",
-    "MODEL.DINO.DIM_FEEDFORWARD",
-    "64",
-    "MODEL.DINO.ENC_LAYERS",
-    "1",
-    "MODEL.DINO.DEC_LAYERS",
-    "2",
-    "MODEL.DINO.NUM_QUERIES",
-    "20",
-    "MODEL.DINO.NUM_SELECT",
-    "20",
-    "MODEL.DINO.DN_NUMBER",
-    "0",
-    "INPUT.MIN_SIZE_TEST",
-    "64",
-    "INPUT.MAX_SIZE_TEST",
-    "96",
-]
+TINY = [*TINY_MODEL, "MODEL.DINO.DN_NUMBER", "0", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
 
 
 @pytest.fixture(scope="module")

@@ -31,27 +31,10 @@ from dino_detr.checkpoint import (
 from dino_detr.engine import FiniteCheckpointer, OutputDirInUseError, build_dino_optimizer, lock_output_dir
 from dino_detr.engine.nan_guard import check_finite_grad_norm
 
-from train_utils import REPO
+from train_utils import REPO, TINY_MODEL
 
 DEMO_CONFIG = str(REPO / "configs" / "dino_demo.yaml")
-TINY = [
-    "MODEL.DEVICE",
-    "cpu",
-    "MODEL.DINO.HIDDEN_DIM",
-    "64",
-    "MODEL.DINO.DIM_FEEDFORWARD",
-    "64",
-    "MODEL.DINO.ENC_LAYERS",
-    "1",
-    "MODEL.DINO.DEC_LAYERS",
-    "2",
-    "MODEL.DINO.NUM_QUERIES",
-    "20",
-    "MODEL.DINO.NUM_SELECT",
-    "20",
-    "MODEL.DINO.DN_NUMBER",
-    "4",
-]
+TINY = [*TINY_MODEL, "MODEL.DINO.DN_NUMBER", "4"]
 
 
 def _tool(name):

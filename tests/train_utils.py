@@ -9,6 +9,16 @@ from dino_detr import get_dino_cfg
 from dino_detr.data import DemoSpec, ensure_demo_dataset, register_dino_demo
 
 REPO = Path(__file__).resolve().parents[1]
+# Overrides of configs/dino_demo.yaml for a model that builds and runs in well under a second.
+TINY_MODEL = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.DINO.HIDDEN_DIM", "64",
+    "MODEL.DINO.DIM_FEEDFORWARD", "64",
+    "MODEL.DINO.ENC_LAYERS", "1",
+    "MODEL.DINO.DEC_LAYERS", "2",
+    "MODEL.DINO.NUM_QUERIES", "20",
+    "MODEL.DINO.NUM_SELECT", "20",
+]  # fmt: skip
 # 16 small images with 1-3 large shapes: a set a working DINO fits in a few hundred steps.
 CI_SPEC = DemoSpec(
     seed=7,
