@@ -121,6 +121,32 @@ def check_dino_config(cfg):
         )
     if d.POSITION_EMBEDDING not in ("sine", "learned"):
         raise ValueError(f"MODEL.DINO.POSITION_EMBEDDING must be 'sine' or 'learned', got {d.POSITION_EMBEDDING!r}")
+    if cfg.MODEL.BACKBONE.NAME == "build_swin_backbone":
+        _check_swin_config(cfg)
+
+
+def _check_swin_config(cfg):
+    """The ``MODEL.SWIN`` keys of a ``build_swin_backbone`` config."""
+    s = cfg.MODEL.SWIN
+    if len(s.DEPTHS) != len(s.NUM_HEADS):
+        raise ValueError(
+            f"MODEL.SWIN.DEPTHS {list(s.DEPTHS)} and MODEL.SWIN.NUM_HEADS {list(s.NUM_HEADS)} "
+            "must have one entry per stage"
+        )
+    widths = [s.EMBED_DIM * 2**i for i in range(len(s.DEPTHS))]
+    bad = [(w, h) for w, h in zip(widths, s.NUM_HEADS) if w % h]
+    if bad:
+        raise ValueError(
+            f"MODEL.SWIN: stage widths {widths} (EMBED_DIM * 2**i) must be divisible by their "
+            f"NUM_HEADS {list(s.NUM_HEADS)}; {bad[0][0]} is not divisible by {bad[0][1]}"
+        )
+    names = [f"swin{i}" for i in range(len(s.DEPTHS))]
+    if not s.OUT_FEATURES or any(f not in names for f in s.OUT_FEATURES):
+        raise ValueError(f"MODEL.SWIN.OUT_FEATURES {list(s.OUT_FEATURES)}: expected a non-empty subset of {names}")
+    if not 0 <= cfg.MODEL.BACKBONE.FREEZE_AT <= len(s.DEPTHS) + 1:
+        raise ValueError(
+            f"MODEL.BACKBONE.FREEZE_AT={cfg.MODEL.BACKBONE.FREEZE_AT} for Swin must be in [0, {len(s.DEPTHS) + 1}]"
+        )
 
 
 def _add_model_config(cfg):

@@ -39,11 +39,10 @@ class InputProjection(nn.ModuleList):
     def __init__(self, in_channels: List[int], hidden_dim: int, num_levels: int):
         if num_levels < len(in_channels):
             raise ValueError(
-                f"MODEL.DINO.NUM_FEATURE_LEVELS={num_levels} is smaller than the number of "
-                f"MODEL.DINO.IN_FEATURES ({len(in_channels)})"
+                f"InputProjection: num_levels={num_levels} is smaller than the {len(in_channels)} input maps"
             )
         if hidden_dim % 32 != 0:
-            raise ValueError(f"MODEL.DINO.HIDDEN_DIM={hidden_dim} must be divisible by 32 (GroupNorm(32, C))")
+            raise ValueError(f"InputProjection: hidden_dim={hidden_dim} must be divisible by 32 (GroupNorm(32, C))")
         projections = [
             nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim)) for c in in_channels
         ]

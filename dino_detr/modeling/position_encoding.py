@@ -96,4 +96,4 @@ def build_position_embedding(
         return PositionEmbeddingSineHW(hidden_dim // 2, temperature_h, temperature_w, offset)
     if kind == "learned":
         return PositionEmbeddingLearned(hidden_dim // 2)
-    raise ValueError(f"MODEL.DINO.POSITION_EMBEDDING must be 'sine' or 'learned', got {kind!r}")
+    raise ValueError(f"position embedding kind must be 'sine' or 'learned', got {kind!r}")

@@ -73,7 +73,7 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window: int):
         super().__init__()
         if dim % num_heads != 0:
-            raise ValueError(f"MODEL.SWIN: stage width {dim} is not divisible by its {num_heads} heads")
+            raise ValueError(f"WindowAttention: width {dim} is not divisible by its {num_heads} heads")
         self.num_heads = num_heads
         self.window = window
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -267,16 +267,15 @@ class SwinTransformer(Backbone):
     ):
         super().__init__()
         if len(depths) != len(num_heads):
-            raise ValueError(
-                f"MODEL.SWIN.DEPTHS {list(depths)} and MODEL.SWIN.NUM_HEADS {list(num_heads)} "
-                "must have one entry per stage"
-            )
+            raise ValueError(f"SwinTransformer: depths {list(depths)} and num_heads {list(num_heads)} differ in length")
         names = [f"swin{i}" for i in range(len(depths))]
         unknown = [f for f in out_features if f not in names]
         if unknown or not out_features:
-            raise ValueError(f"MODEL.SWIN.OUT_FEATURES {list(out_features)}: expected a non-empty subset of {names}")
+            raise ValueError(
+                f"SwinTransformer: out_features {list(out_features)}: expected a non-empty subset of {names}"
+            )
         if not 0 <= freeze_at <= len(depths) + 1:
-            raise ValueError(f"MODEL.BACKBONE.FREEZE_AT={freeze_at} for Swin must be in [0, {len(depths) + 1}]")
+            raise ValueError(f"SwinTransformer: freeze_at={freeze_at} must be in [0, {len(depths) + 1}]")
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         dims = [embed_dim * 2**i for i in range(len(depths))]
