@@ -100,6 +100,15 @@ def load_outputs(tmp_path, cases):
     return [[np.load(tmp_path / f"out{i}_{k}.npy") for k in range(3)] for i in range(len(cases))]
 
 
+def assert_fresh_run_matches(tmp_path, cases, script, *args):
+    """Saves ``cases``, runs ``script`` on them in a new process and compares its outputs with eager's."""
+    save_cases(tmp_path, cases)
+    code, out = run_fresh(tmp_path, script, *args, len(cases))
+    assert code == 0, out
+    for outputs, (_, expected) in zip(load_outputs(tmp_path, cases), cases):
+        assert_same_detections(outputs, expected)
+
+
 # Runs every saved case through a torch artefact; the project's Python code must not be imported.
 TORCH_RUNNER = """
     import sys
@@ -142,11 +151,7 @@ def test_torch_export_graph_and_reload(program, cases, tmp_path):
         with torch.no_grad():
             assert_same_detections(program.module()(*inputs), expected)
     path = save_program(program, tmp_path / "dino.pt2")
-    save_cases(tmp_path, cases)
-    code, out = run_fresh(tmp_path, TORCH_RUNNER, op_library_path(), "export", path, len(cases))
-    assert code == 0, out
-    for outputs, (_, expected) in zip(load_outputs(tmp_path, cases), cases):
-        assert_same_detections(outputs, expected)
+    assert_fresh_run_matches(tmp_path, cases, TORCH_RUNNER, op_library_path(), "export", path)
 
 
 def test_torch_export_rejects_sizes_outside_the_range(program, model):
@@ -188,11 +193,7 @@ def aoti_package(program, tmp_path_factory):
 
 
 def test_aoti_package_runs_in_a_fresh_process_with_only_the_op_library(aoti_package, cases, tmp_path):
-    save_cases(tmp_path, cases)
-    code, out = run_fresh(tmp_path, TORCH_RUNNER, op_library_path(), "aoti", aoti_package, len(cases))
-    assert code == 0, out
-    for outputs, (_, expected) in zip(load_outputs(tmp_path, cases), cases):
-        assert_same_detections(outputs, expected)
+    assert_fresh_run_matches(tmp_path, cases, TORCH_RUNNER, op_library_path(), "aoti", aoti_package)
 
 
 def test_aoti_package_errors_name_the_missing_op_and_a_bad_size(aoti_package, tmp_path):
@@ -220,9 +221,9 @@ def test_onnx_uses_grid_sample_and_matches_eager_in_onnx_runtime(onnx_file, case
     assert len(grid_samples) == 5 * 3  # one per layer and level
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in grid_samples[0].attribute}
     assert attributes == {"mode": b"bilinear", "padding_mode": b"zeros", "align_corners": 0}
-    save_cases(tmp_path, cases)
-    code, out = run_fresh(
+    assert_fresh_run_matches(
         tmp_path,
+        cases,
         """
         import sys
         import numpy as np
@@ -235,11 +236,7 @@ def test_onnx_uses_grid_sample_and_matches_eager_in_onnx_runtime(onnx_file, case
         assert "torch" not in sys.modules
     """,
         onnx_file,
-        len(cases),
     )
-    assert code == 0, out
-    for outputs, (_, expected) in zip(load_outputs(tmp_path, cases), cases):
-        assert_same_detections(outputs, expected)
 
 
 def test_export_tool_writes_a_loadable_program_with_config_overrides(tmp_path):

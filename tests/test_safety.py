@@ -44,6 +44,13 @@ def _tool(name):
     return module
 
 
+def _eval_only(weights, output_dir):
+    """``tools/train_net.py --eval-only`` of the tiny demo model with ``MODEL.WEIGHTS weights``."""
+    train_net = _tool("train_net")
+    argv = ["--config-file", DEMO_CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS", str(weights)]
+    return train_net.main(train_net.argument_parser().parse_args([*argv, "OUTPUT_DIR", str(output_dir)]))
+
+
 class _Toy(nn.Module):
     def __init__(self):
         super().__init__()
@@ -100,25 +107,8 @@ def test_payload_in_weights_runs_no_code_through_the_tools(tmp_path, suffix, mon
         )
     assert not marker.exists()
 
-    train_net = _tool("train_net")
-    args = (
-        _tool("train_net")
-        .argument_parser()
-        .parse_args(
-            [
-                "--config-file",
-                DEMO_CONFIG,
-                "--eval-only",
-                *TINY,
-                "MODEL.WEIGHTS",
-                str(weights),
-                "OUTPUT_DIR",
-                str(tmp_path / "eval"),
-            ]
-        )
-    )
     with pytest.raises(UnsafeCheckpointError, match=f"evil{suffix}"):
-        train_net.main(args)
+        _eval_only(weights, tmp_path / "eval")
     assert not marker.exists()
 
     # The marker does detect execution: the documented opt-in loads the file with the full unpickler.
@@ -164,24 +154,8 @@ def test_checkpoint_that_does_not_fit_is_refused(demo_cfg, tmp_path):
     message = r"resnet18.pth does not fit.*supplied 0 of the model's \d+ tensors.*backbone\.stem.*conv1.weight"
     with pytest.raises(ValueError, match=message):
         DefaultPredictor(cfg)
-    args = (
-        _tool("train_net")
-        .argument_parser()
-        .parse_args(
-            [
-                "--config-file",
-                DEMO_CONFIG,
-                "--eval-only",
-                *TINY,
-                "MODEL.WEIGHTS",
-                cfg.MODEL.WEIGHTS,
-                "OUTPUT_DIR",
-                str(tmp_path / "eval"),
-            ]
-        )
-    )
     with pytest.raises(ValueError, match=message):
-        _tool("train_net").main(args)
+        _eval_only(cfg.MODEL.WEIGHTS, tmp_path / "eval")
 
 
 def test_fine_tune_and_backbone_checkpoints_fit(demo_cfg, tmp_path):

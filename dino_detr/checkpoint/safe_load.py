@@ -12,7 +12,7 @@
 import logging
 import os
 import pickle
-from typing import Any, Dict, Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -54,10 +54,14 @@ def _trust_hint(path: str) -> str:
     )
 
 
-def is_trusted(path: str, env: Dict[str, str] = os.environ) -> bool:
-    """Whether ``path`` is one of the files listed in ``DINO_DETR_TRUSTED_WEIGHTS``."""
-    listed = [p for p in env.get(TRUSTED_WEIGHTS_ENV, "").split(os.pathsep) if p]
-    return os.path.realpath(path) in {os.path.realpath(p) for p in listed}
+def is_trusted(path: str) -> bool:
+    """Whether ``path`` is one of the files listed in ``DINO_DETR_TRUSTED_WEIGHTS`` (logged, since
+    such a file is then read with Python's full unpickler)."""
+    listed = [p for p in os.environ.get(TRUSTED_WEIGHTS_ENV, "").split(os.pathsep) if p]
+    trusted = os.path.realpath(path) in {os.path.realpath(p) for p in listed}
+    if trusted:
+        logger.warning(f"{path} is listed in {TRUSTED_WEIGHTS_ENV}: loading it with Python's full unpickler")
+    return trusted
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -65,13 +69,6 @@ class _ArrayUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise UnsafeCheckpointError(f"refused global '{module}.{name}'")
         return super().find_class(module, name)
-
-
-def _trusted(path: str) -> bool:
-    if is_trusted(path):
-        logger.warning(f"{path} is listed in {TRUSTED_WEIGHTS_ENV}: loading it with Python's full unpickler")
-        return True
-    return False
 
 
 def load_pickled_arrays(path: str) -> Any:
@@ -83,7 +80,7 @@ def load_pickled_arrays(path: str) -> Any:
         UnreadableCheckpointError: the file is truncated or not a pickle.
     """
     with open(path, "rb") as f:
-        if _trusted(path):
+        if is_trusted(path):
             return pickle.load(f, encoding="latin1")
         try:
             return _ArrayUnpickler(f, encoding="latin1").load()
@@ -115,7 +112,7 @@ def load_torch_weights(path: str, safe_globals: Iterable[type] = ()) -> Any:
             what was refused and the opt-in for trusted files).
         UnreadableCheckpointError: the file is truncated or not a PyTorch file.
     """
-    if _trusted(path):
+    if is_trusted(path):
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
         with torch.serialization.safe_globals(list(safe_globals)):

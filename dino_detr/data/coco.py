@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -100,12 +101,7 @@ def _read_json(json_file: str) -> Dict:
 
 
 def _duplicates(ids: Iterable) -> List:
-    seen, repeated = set(), []
-    for i in ids:
-        if i in seen:
-            repeated.append(i)
-        seen.add(i)
-    return repeated
+    return [i for i, count in Counter(ids).items() if count > 1]
 
 
 def _annotation_problems(data: Dict, json_file: str) -> List[str]:
