@@ -13,13 +13,14 @@ from typing import Callable
 __all__ = ["DEBUG_ENV", "describe", "run_tool"]
 
 DEBUG_ENV = "DINO_DETR_DEBUG"
-# Errors of bad input (config, files, data): their message is the whole story.
-_INPUT_ERRORS = (ValueError, KeyError, OSError)
+# Errors of bad input (config, files, data): their message is the whole story. Detectron2 and fvcore
+# check config keys and checkpoint paths with assertions.
+_INPUT_ERRORS = (ValueError, KeyError, OSError, AssertionError)
 
 
 def describe(error: BaseException) -> str:
     """The message of ``error``; prefixed by its type unless it is an input error (``ValueError``,
-    ``KeyError``, ``OSError`` and their subclasses), whose messages name the problem."""
+    ``KeyError``, ``OSError``, ``AssertionError`` and their subclasses), whose messages name the problem."""
     message = str(error.args[0]) if isinstance(error, KeyError) and len(error.args) == 1 else str(error)
     if isinstance(error, _INPUT_ERRORS) and message:
         return message
