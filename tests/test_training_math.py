@@ -19,6 +19,7 @@ from dino_detr import get_dino_cfg
 from dino_detr.modeling.criterion import SetCriterion, average_num_boxes
 from dino_detr.modeling.matcher import HungarianMatcher
 from dino_detr.modeling.meta_arch import top_detections
+from dino_detr.modeling.query_selection import encoder_output_proposals
 from dino_detr.modeling.utils import inverse_sigmoid, refine_box
 
 from train_utils import REPO, TINY_MODEL
@@ -278,3 +279,18 @@ def test_model_wires_the_configured_weights_costs_and_focal_parameters():
     assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (3.0, 7.0, 11.0)
     assert criterion.weight_dict == {"loss_class": 1.5, "loss_bbox": 4.5, "loss_giou": 2.5}
     assert (criterion.focal_alpha, criterion.focal_gamma, matcher.focal_alpha, matcher.focal_gamma) == (0.3, 1.5) * 2
+
+
+def test_encoder_proposals_double_in_size_per_level():
+    """Proposal of a token: its pixel centre over the level's valid extent, side 0.05 * 2**level."""
+    shapes = [(4, 6), (2, 3), (1, 2)]
+    padding = torch.zeros(1, 24 + 6 + 2, dtype=torch.bool)
+    _, proposals = encoder_output_proposals(torch.randn(1, 32, 8), padding, shapes)
+    expected = [
+        [(x + 0.5) / w, (y + 0.5) / h, 0.05 * 2**level, 0.05 * 2**level]
+        for level, (h, w) in enumerate(shapes)
+        for y in range(h)
+        for x in range(w)
+    ]
+    assert torch.isfinite(proposals).all()  # every proposal here lies inside (0.01, 0.99)
+    torch.testing.assert_close(proposals[0].sigmoid(), torch.tensor(expected))

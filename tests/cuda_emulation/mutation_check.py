@@ -116,7 +116,7 @@ def check(names, run_mutant):
         was_caught, what = run_mutant(name)
         caught += was_caught
         print(
-            f"{'caught  ' if was_caught else 'SURVIVED'} {name:40s} {time.time() - start:5.0f} s  {what[:150]}",
+            f"{'caught  ' if was_caught else 'SURVIVED'} {name:48s} {time.time() - start:5.0f} s  {what[:150]}",
             flush=True,
         )
     print(f"caught {caught} of {len(names)}")
