@@ -59,6 +59,18 @@ def denoising_attn_mask(num_groups: int, max_gt: int, num_queries: int, device=N
     return mask
 
 
+# The random numbers of the noise are drawn by these two functions only, so a test can give both
+# implementations the same draws (tests/test_training_fixtures.py replaces them with the official ones).
+def _box_draws(boxes: torch.Tensor):
+    """(M, 4) random signs (+-1) and (M, 4) uniform [0, 1) magnitudes of the box noise."""
+    return torch.randint_like(boxes, 0, 2) * 2.0 - 1.0, torch.rand_like(boxes)
+
+
+def _label_draws(labels: torch.Tensor, num_classes: int):
+    """(M,) uniform [0, 1) flip draws and (M,) random classes in [0, num_classes) of the label noise."""
+    return torch.rand(labels.shape, device=labels.device), torch.randint_like(labels, 0, num_classes)
+
+
 def _noise_boxes(boxes: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
     """Move each corner by up to ``scale`` x half the box size: ``|noise| < 1`` x for
     positives, in ``[1, 2)`` x for negatives, then clamp to the image.
@@ -70,16 +82,16 @@ def _noise_boxes(boxes: torch.Tensor, negative: torch.Tensor, scale: float) -> t
     """
     xyxy = box_convert(boxes, "cxcywh", "xyxy")
     half_wh = boxes[:, 2:].repeat(1, 2) / 2
-    sign = torch.randint_like(boxes, 0, 2) * 2.0 - 1.0
-    magnitude = torch.rand_like(boxes) + negative[:, None].to(boxes.dtype)
+    sign, uniform = _box_draws(boxes)
+    magnitude = uniform + negative[:, None].to(boxes.dtype)
     xyxy = (xyxy + sign * magnitude * half_wh * scale).clamp(min=0.0, max=1.0)
     return box_convert(xyxy, "xyxy", "cxcywh")
 
 
 def _flip_labels(labels: torch.Tensor, ratio: float, num_classes: int) -> torch.Tensor:
     """Replace each label by a uniformly random class with probability ``ratio``."""
-    flip = torch.rand(labels.shape, device=labels.device) < ratio
-    return torch.where(flip, torch.randint_like(labels, 0, num_classes), labels)
+    uniform, random_labels = _label_draws(labels, num_classes)
+    return torch.where(uniform < ratio, random_labels, labels)
 
 
 def contrastive_denoising(
