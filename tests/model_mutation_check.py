@@ -29,8 +29,8 @@ MUTANTS = {
     # Contrastive denoising (Sec. 3.3): layout, noise, the fixed assignment, the loss normaliser.
     "dn: negatives as close as positives": (
         M + "denoising.py",
-        "torch.rand_like(boxes) + negative[:, None].to(boxes.dtype)",
-        "torch.rand_like(boxes)",
+        "magnitude = uniform + negative[:, None].to(boxes.dtype)",
+        "magnitude = uniform",
     ),
     "dn: no negative queries": (M + "denoising.py", "negative=copies % 2 == 1", "negative=copies % 2 == 2"),
     "dn: negatives labelled as positives": (
@@ -163,9 +163,9 @@ MUTANTS = {
 
 # Fastest first; each file runs until its first failure. The official-code fixtures join when present.
 TESTS = [
-    "tests/test_training_math.py",
     "tests/test_dino_components.py",
     "tests/test_giou.py",
+    "tests/test_training_math.py",
     "tests/test_training_fixtures.py",
     "tests/test_model.py::test_batch_mixing_images_with_and_without_boxes",
     "tests/test_model.py::test_eval_rescales_to_requested_size",
