@@ -58,6 +58,7 @@ def _our_opts(record):
     s = record["settings"]
     return [
         "MODEL.DEVICE", "cpu",
+        "MODEL.BACKBONE.FREEZE_AT", str(s["freeze_at"]),
         "MODEL.DINO.NHEADS", str(s["nheads"]),
         "MODEL.DINO.ENC_N_POINTS", str(s["enc_n_points"]),
         "MODEL.DINO.DEC_N_POINTS", str(s["dec_n_points"]),
@@ -151,7 +152,7 @@ def step(request):
 
 def test_fixtures_present():
     names = {os.path.basename(f) for f in FIXTURE_FILES}
-    expected = {"training_official_shared_heads.pt", "training_official_per_layer_heads.pt"}
+    expected = {"training_official_shared_heads.pt", "training_official_per_layer_heads.pt", "training_detrex.pt"}
     assert expected <= names, f"missing fixtures: {sorted(expected - names)}"
 
 
