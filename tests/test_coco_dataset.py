@@ -207,3 +207,23 @@ def test_datasets_from_config_and_command_line(good, tmp_path):
     cfg.DATASETS.COCO = [["own_cli", str(tmp_path / "other.json"), root]]
     with pytest.raises(ValueError, match="'own_cli' is already registered"):
         register_config_datasets(cfg)
+
+
+def test_every_problem_of_a_dataset_is_reported_in_one_pass(good, tmp_path):
+    """Annotation and image problems together (not the images only on the next run); beyond ten of
+    a kind, the message points to a file listing all of them."""
+    _, _, data = good
+    data = json.loads(json.dumps(data))
+    del data["annotations"][0]["bbox"]
+    data["annotations"][1]["category_id"] = 7
+    data["images"].append({"id": 30, "file_name": "missing.png", "height": 10})  # no width: not opened
+    data["images"] += [{"id": 40 + i, "file_name": f"gone{i}.png", "width": 9, "height": 9} for i in range(12)]
+    message = _reject(tmp_path, data, r"15 problem\(s\) found before use \(3 in the annotations, 12 in the images\)")
+    assert "annotation id 1 lacks the key(s) ['bbox']" in message
+    assert "annotation id 2 (image id 10): category_id 7" in message
+    assert "image id 30 lacks the key(s) ['width']" in message
+    assert "gone9.png): file not found" in message and "gone10.png" not in message
+    assert "... and 2 more" in message
+    report = message.rsplit("All 15 problems are listed in ", 1)[1]
+    listed = Path(report).read_text().splitlines()
+    assert len(listed) == 15 and "gone11.png): file not found" in listed[-1]

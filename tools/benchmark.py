@@ -34,6 +34,7 @@ from dino_detr.layers import MSDeformAttn, use_reference_implementation
 from cpu_allocator import reuse_freed_cpu_memory
 from measure import machine_name, measure_call, measure_inference, measure_training
 from published import PUBLISHED_AP
+from user_errors import run_tool
 
 
 def load_cfg(config_file, device, opts):
@@ -294,4 +295,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

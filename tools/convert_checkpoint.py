@@ -17,6 +17,7 @@ allowed by naming it in ``DINO_DETR_TRUSTED_WEIGHTS`` (see the README).
 
 import argparse
 import os
+import sys
 
 from dino_detr.checkpoint import (
     CLASS_LAYOUTS,
@@ -26,6 +27,8 @@ from dino_detr.checkpoint import (
     load_source_state_dict,
     save_detectron2_checkpoint,
 )
+
+from user_errors import run_tool
 
 REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -101,4 +104,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

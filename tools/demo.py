@@ -23,6 +23,7 @@ from dino_detr.data import parse_dataset_option, register_config_datasets
 from dino_detr.engine import DinoPredictor
 
 from cpu_allocator import reuse_freed_cpu_memory
+from user_errors import run_tool
 from visualization import list_images, open_video, visualize_predictions, visualize_video
 
 logger = logging.getLogger("dino_detr.demo")
@@ -111,6 +112,8 @@ def main(argv=None):
             raise FileNotFoundError(f"no image files in {args.input}")
         written = visualize_predictions(predictor, files, args.output, args.confidence_threshold)
         print(f"wrote {len(written)} visualization(s) to {args.output}")
+        if len(written) < len(files):
+            raise OSError(f"{len(files) - len(written)} of {len(files)} input images could not be read (named above)")
         return written
     source = args.video_input if args.video_input is not None else args.webcam
     output = _video_output(args)
@@ -120,4 +123,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

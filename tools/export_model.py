@@ -10,6 +10,7 @@ H and W multiples of 32 in [320, 1344]; ``image_sizes`` (N, 2) int64 valid (h, w
 """
 
 import argparse
+import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -17,6 +18,8 @@ from detectron2.modeling import build_model
 
 from dino_detr import get_dino_cfg
 from dino_detr.export import SIZE_RANGE, compile_aoti, export_detector, export_onnx, save_program
+
+from user_errors import run_tool
 
 WRITERS = {"torch-export": save_program, "aoti": compile_aoti, "onnx": export_onnx}
 
@@ -60,4 +63,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    sys.exit(run_tool(main))

@@ -9,6 +9,8 @@
         DATASETS.TRAIN "('mine_train',)" MODEL.DINO.NUM_CLASSES 3           # a COCO-format dataset
 """
 
+import sys
+
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -18,6 +20,8 @@ import dino_detr.data  # noqa: F401  (registers the demo datasets)
 from dino_detr import get_dino_cfg, resolve_device
 from dino_detr.data import parse_dataset_option, register_config_datasets
 from dino_detr.engine import DinoTrainer, FiniteCheckpointer, ModelEMA, lock_output_dir
+
+from user_errors import run_tool
 
 
 def argument_parser():
@@ -76,7 +80,8 @@ def main(args):
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
+    status = run_tool(
+        launch,
         main,
         args.num_gpus,
         num_machines=args.num_machines,
@@ -84,3 +89,4 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+    sys.exit(status)

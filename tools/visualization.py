@@ -73,16 +73,22 @@ def visualize_predictions(
     """Runs ``predictor`` on every file and writes one PNG per file into ``output_dir``
     (names from :func:`output_names`) with the detections scoring at least
     ``score_threshold`` drawn on the image; ``OSError`` naming a file that cannot be written.
+    A file that cannot be read (truncated, corrupt, not an image) is skipped with one warning
+    naming it and why.
 
     Returns:
-        the written paths.
+        the written paths (fewer than ``files`` when some were skipped).
     """
     files = list(files)
     os.makedirs(output_dir, exist_ok=True)
     metadata = dataset_metadata(predictor.cfg)
     written = []
     for path, name in zip(files, output_names(files)):
-        image_bgr = read_image(str(path), format="BGR")
+        try:
+            image_bgr = read_image(str(path), format="BGR")
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+            logger.warning(f"skipped {path}: unreadable image ({type(e).__name__}: {e})")
+            continue
         instances = predictor(image_bgr)["instances"].to("cpu")
         instances = instances[instances.scores >= score_threshold]
         drawing = Visualizer(image_bgr[:, :, ::-1], metadata).draw_instance_predictions(instances)

@@ -4,11 +4,13 @@ check of the annotation file and every image.
 
 Policy (also in the README, "Your own dataset"):
 
-* rejected before training, one ``DatasetError`` naming the file and the image / annotation
-  ids: a JSON file that does not parse or lacks a key; an annotation whose ``category_id`` is
-  not in ``categories`` or whose ``image_id`` is not in ``images``; a bbox that is not four
-  finite numbers; an image file that is missing, unreadable or truncated, or whose size (after
-  its EXIF orientation, as Detectron2 reads it) differs from the JSON's ``width`` / ``height``.
+* rejected before training, one ``DatasetError`` for all problems of a dataset (found in one
+  pass; the message names the file, the image / annotation ids and, when there are many, a
+  file listing all of them): a JSON file that does not parse; an entry that lacks a key; an
+  annotation whose ``category_id`` is not in ``categories`` or whose ``image_id`` is not in
+  ``images``; a bbox that is not four finite numbers; an image file that is missing,
+  unreadable or truncated, or whose size (after its EXIF orientation, as Detectron2 reads it)
+  differs from the JSON's ``width`` / ``height``.
 * handled, with one logged count per dataset: boxes partly outside the image are clipped;
   boxes with no area left (zero width or height, or fully outside) are dropped; ``iscrowd``
   annotations are kept for evaluation and ignored in training; images without annotations
@@ -64,24 +66,48 @@ def _cache_file(json_file: str, image_root: str) -> str:
     return os.path.join(folder, "dataset_checks", hashlib.sha1(key.encode()).hexdigest() + ".json")
 
 
-def _raise_if(problems: List[str], json_file: str) -> None:
-    if problems:
-        listed = "\n  ".join(problems[:_MAX_LISTED])
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise DatasetError(f"{json_file}: {len(problems)} problem(s) found before use:\n  {listed}{more}")
+def _raise_if(problems: Dict[str, List[str]], json_file: str, report_file: str) -> None:
+    """One ``DatasetError`` for all problems (per kind, e.g. "annotations" / "images"): their
+    count, the first few of each kind, and ``report_file`` with all of them when some are left
+    out of the message."""
+    total = sum(len(p) for p in problems.values())
+    if not total:
+        return
+    counts = ", ".join(f"{len(p)} in the {kind}" for kind, p in problems.items() if p)
+    lines = []
+    for found in problems.values():
+        lines += found[:_MAX_LISTED]
+        if len(found) > _MAX_LISTED:
+            lines.append(f"... and {len(found) - _MAX_LISTED} more")
+    more = ""
+    if total > len(lines):
+        os.makedirs(os.path.dirname(report_file), exist_ok=True)
+        with open(report_file, "w") as f:
+            f.write("".join(f"{p}\n" for found in problems.values() for p in found))
+        more = f"\nAll {total} problems are listed in {report_file}"
+    listed = "\n  ".join(lines)
+    raise DatasetError(f"{json_file}: {total} problem(s) found before use ({counts}):\n  {listed}{more}")
 
 
-def _require(entries: Sequence, what: str, keys: Sequence[str], json_file: str) -> None:
+def _well_formed(entries: Sequence, what: str, keys: Sequence[str]) -> Tuple[List[Dict], List[str]]:
+    """The entries that are objects with all ``keys``, and one problem per other entry."""
+    kept, problems = [], []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise DatasetError(f"{json_file}: {what}[{index}] is a {type(entry).__name__}, not an object")
+            problems.append(f"{what}[{index}] is a {type(entry).__name__}, not an object")
+            continue
         missing = [k for k in keys if k not in entry]
         if missing:
             ident = f"id {entry['id']}" if "id" in entry else f"index {index}"
-            raise DatasetError(f"{json_file}: {what} {ident} lacks the key(s) {missing}")
+            problems.append(f"{what} {ident} lacks the key(s) {missing}")
+        else:
+            kept.append(entry)
+    return kept, problems
 
 
 def _read_json(json_file: str) -> Dict:
+    """The parsed file; ``DatasetError`` when it cannot be checked at all (missing, not JSON,
+    not a COCO instances object)."""
     if not os.path.isfile(json_file):
         raise DatasetError(f"annotation file not found: {json_file}")
     try:
@@ -91,12 +117,9 @@ def _read_json(json_file: str) -> Dict:
         raise DatasetError(f"{json_file}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise DatasetError(f"{json_file}: the top level is a {type(data).__name__}, not an object")
-    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    missing = [k for k in ("images", "annotations", "categories") if k not in data or not isinstance(data[k], list)]
     if missing:
-        raise DatasetError(f"{json_file}: lacks the key(s) {missing} (COCO instances format)")
-    _require(data["images"], "image", ("id", "file_name", "width", "height"), json_file)
-    _require(data["annotations"], "annotation", ("id", "image_id", "category_id", "bbox"), json_file)
-    _require(data["categories"], "category", ("id", "name"), json_file)
+        raise DatasetError(f"{json_file}: lacks the key(s) {missing} (lists, COCO instances format)")
     return data
 
 
@@ -104,15 +127,23 @@ def _duplicates(ids: Iterable) -> List:
     return [i for i, count in Counter(ids).items() if count > 1]
 
 
-def _annotation_problems(data: Dict, json_file: str) -> List[str]:
-    category_ids = {c["id"] for c in data["categories"]}
-    image_ids = {i["id"] for i in data["images"]}
-    problems = [
+def _ids(entries: Sequence) -> set:
+    return {e["id"] for e in entries if isinstance(e, dict) and "id" in e}
+
+
+def _annotation_problems(data: Dict) -> Tuple[List[Dict], List[str]]:
+    """The well-formed images, and every problem of the annotation file: malformed entries,
+    duplicate ids, annotations naming an unknown category or image, boxes that are not numbers."""
+    images, problems = _well_formed(data["images"], "image", ("id", "file_name", "width", "height"))
+    annotations, more = _well_formed(data["annotations"], "annotation", ("id", "image_id", "category_id", "bbox"))
+    problems += more + _well_formed(data["categories"], "category", ("id", "name"))[1]
+    category_ids, image_ids = _ids(data["categories"]), _ids(data["images"])
+    problems += [
         f"{what} id {i} appears more than once"
         for what, entries in (("image", data["images"]), ("annotation", data["annotations"]))
-        for i in _duplicates(e["id"] for e in entries)
+        for i in _duplicates(e["id"] for e in entries if isinstance(e, dict) and "id" in e)
     ]
-    for ann in data["annotations"]:
+    for ann in annotations:
         where = f"annotation id {ann['id']} (image id {ann['image_id']})"
         if ann["category_id"] not in category_ids:
             problems.append(
@@ -127,7 +158,7 @@ def _annotation_problems(data: Dict, json_file: str) -> List[str]:
             and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
         ):
             problems.append(f"{where}: bbox {box} is not four finite numbers [x, y, width, height]")
-    return problems
+    return images, problems
 
 
 def _image_problem(image: Dict, image_root: str) -> Optional[str]:
@@ -148,8 +179,9 @@ def _image_problem(image: Dict, image_root: str) -> Optional[str]:
 
 
 def check_coco_dataset(json_file: str, image_root: str, num_workers: Optional[int] = None) -> None:
-    """Check a COCO instances file and every image it names; ``DatasetError`` listing all
-    problems (file, image and annotation ids). A passing check is cached (see module doc).
+    """Check a COCO instances file and every (well-formed) image it names in one pass; one
+    ``DatasetError`` with all problems of the annotations and the images (file, image and
+    annotation ids). A passing check is cached (see module doc).
 
     Args:
         num_workers: threads decoding the images (default: up to 8, one per CPU core).
@@ -158,12 +190,13 @@ def check_coco_dataset(json_file: str, image_root: str, num_workers: Optional[in
     if cache is not None and os.path.isfile(cache):
         return
     data = _read_json(json_file)
-    _raise_if(_annotation_problems(data, json_file), json_file)
+    images, annotation_problems = _annotation_problems(data)
     workers = num_workers or min(8, os.cpu_count() or 1)
-    logger.info(f"Checking the {len(data['images'])} images of {json_file} ({workers} threads, once) ...")
+    logger.info(f"Checking the {len(images)} images of {json_file} ({workers} threads, once) ...")
     with ThreadPoolExecutor(workers) as pool:
-        problems = [p for p in pool.map(lambda im: _image_problem(im, image_root), data["images"]) if p]
-    _raise_if(problems, json_file)
+        image_problems = [p for p in pool.map(lambda im: _image_problem(im, image_root), images) if p]
+    problems = {"annotations": annotation_problems, "images": image_problems}
+    _raise_if(problems, json_file, cache[: -len(".json")] + ".problems.txt")
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = f"{cache}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:

@@ -73,41 +73,54 @@ def run_mutant(name, edit, work, timeout):
     path, text, replacement = edit
     csrc = os.path.join(work, name.replace(" ", "_"), "csrc")
     shutil.copytree(os.path.join(ROOT, "dino_detr", "csrc"), csrc)
-    source = os.path.join(csrc, path)
-    with open(source) as f:
-        code = f.read()
-    if text not in code:
-        raise SystemExit(f"mutant {name!r}: {text!r} is not in {path} (update this script with the kernels)")
-    with open(source, "w") as f:
-        f.write(code.replace(text, replacement))
+    plant(os.path.join(csrc, path), text, replacement, name)
     library = os.path.join(csrc, "libmsda_emu.so")
     env = dict(os.environ, MSDA_CSRC=csrc, PYTHON=sys.executable)
     subprocess.run(
         [os.path.join(ROOT, "tests", "cuda_emulation", "build.sh"), library, "base"], env=env, check=True, cwd=ROOT
     )
     env = dict(os.environ, DINO_DETR_CUDA_EMU=library, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-x",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-k",
-        "not gpu",
-        "-W",
-        "ignore",
-        *TESTS,
-    ]
+    return run_tests(["-k", "not gpu", *TESTS], env, ROOT, timeout)
+
+
+def run_tests(pytest_args, env, cwd, timeout):
+    """(caught, what failed): runs pytest until the first failure; a failure, crash or hang
+    (> ``timeout`` s) catches the mutant. Shared with tests/model_mutation_check.py."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *pytest_args]
     try:
-        result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return True, f"hangs (> {timeout} s)"
     if result.returncode == 0:
-        return False, "all emulated tests pass"
+        return False, "all tests pass"
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
     return True, failed[0][len("FAILED ") :] if failed else f"crashes (exit {result.returncode})"
+
+
+def plant(source, text, replacement, name):
+    """Replaces every ``text`` in the file ``source`` (fails when it is not there: update the mutant)."""
+    with open(source) as f:
+        code = f.read()
+    if text not in code:
+        raise SystemExit(f"mutant {name!r}: {text!r} is not in {source} (update the mutant with the code)")
+    with open(source, "w") as f:
+        f.write(code.replace(text, replacement))
+
+
+def check(names, run_mutant):
+    """Runs ``run_mutant(name) -> (caught, what)`` for each name, one line each, then "caught X of Y";
+    returns the exit status (1 when a mutant survives)."""
+    caught = 0
+    for name in names:
+        start = time.time()
+        was_caught, what = run_mutant(name)
+        caught += was_caught
+        print(
+            f"{'caught  ' if was_caught else 'SURVIVED'} {name:48s} {time.time() - start:5.0f} s  {what[:150]}",
+            flush=True,
+        )
+    print(f"caught {caught} of {len(names)}")
+    return 0 if caught == len(names) else 1
 
 
 def main():
@@ -116,18 +129,8 @@ def main():
     parser.add_argument("--timeout", type=int, default=600, help="seconds before a mutant's test run counts as hung")
     args = parser.parse_args()
     names = [args.only] if args.only else list(MUTANTS)
-    caught = 0
     with tempfile.TemporaryDirectory(prefix="msda_mutants_") as work:
-        for name in names:
-            start = time.time()
-            was_caught, what = run_mutant(name, MUTANTS[name], work, args.timeout)
-            caught += was_caught
-            print(
-                f"{'caught  ' if was_caught else 'SURVIVED'} {name:28s} {time.time() - start:5.0f} s  {what[:150]}",
-                flush=True,
-            )
-    print(f"caught {caught} of {len(names)}")
-    return 0 if caught == len(names) else 1
+        return check(names, lambda name: run_mutant(name, MUTANTS[name], work, args.timeout))
 
 
 if __name__ == "__main__":
