@@ -9,6 +9,7 @@ same config is used by ``--config-file dino_detr://<name>`` in the tools.
 """
 
 import os
+from typing import Optional
 
 from .checkpoint import SafeCheckpointer, published_weights
 from .checkpoint.zoo import PREFIX
@@ -43,7 +44,7 @@ def get_config(name: str, trained: bool = True, opts=()):
     return get_dino_cfg(get_config_file(name), [*entry.opts, "MODEL.WEIGHTS", *weights, *opts])
 
 
-def get(name: str, trained: bool = True, device: str = None):
+def get(name: str, trained: bool = True, device: Optional[str] = None):
     """The model of ``name`` (eval mode) with its published weights when ``trained``, downloaded
     once and verified (see ``dino_detr.checkpoint.zoo``), on ``device`` (default: the config's,
     or the CPU without CUDA)."""

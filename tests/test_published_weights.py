@@ -29,15 +29,18 @@ from dino_detr.checkpoint import (
     WeightsDownloadError,
     convert_state_dict,
     is_class_dependent,
+    mmdet_source_config,
     published_weights,
 )
 from dino_detr.checkpoint.zoo import manual_path
+from dino_detr.modeling.swin import relative_position_index
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETREX = "detrex/dino_r50_4scale_12ep"
 MMDET = "mmdet/dino-4scale_r50_8xb2-12e_coco"
 OFFICIAL = "official/dino_r50_4scale_12ep"
-SMALL_IMAGE = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.DEVICE", "cpu"]
+# The smallest inputs with enough encoder tokens (> 900) for the published models' 900 queries.
+SMALL_IMAGE = ["INPUT.MIN_SIZE_TEST", "192", "INPUT.MAX_SIZE_TEST", "256", "MODEL.DEVICE", "cpu"]
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
@@ -137,6 +140,45 @@ def test_config_of_a_name():
     # the same through --config-file in every tool
     assert get_dino_cfg("dino_detr://" + DETREX, ["MODEL.DEVICE", "cpu"]).MODEL.DINO.PE_OFFSET == -0.5
     assert model_zoo.get_config(MMDET, trained=False).MODEL.WEIGHTS == ""
+
+
+# Table entries -> the manifest of their layout (R101: the R50 names with 23 res4 blocks, not kept).
+_MANIFEST_OF = {
+    "detrex/dino_r50_4scale_12ep": "detrex_dino_r50_4scale",
+    "detrex/dino_r50_4scale_12ep_300dn": "detrex_dino_r50_4scale",
+    "detrex/dino_r50_4scale_24ep": "detrex_dino_r50_4scale",
+    "detrex/dino_r50_5scale_12ep": "detrex_dino_r50_5scale",
+    "detrex/dino_swin_large_384_4scale_12ep": "detrex_dino_swinl_4scale",
+    "detrex/dino_swin_large_384_5scale_12ep": "detrex_dino_swinl_5scale",
+    "detrex/dino_swin_large_384_4scale_36ep": "detrex_dino_swinl_4scale",
+    "detrex/dino_swin_large_384_5scale_36ep": "detrex_dino_swinl_5scale",
+    "mmdet/dino-4scale_r50_8xb2-12e_coco": "mmdet_dino_r50_4scale",
+    "mmdet/dino-4scale_r50_improved_8xb2-12e_coco": "mmdet_dino_r50_4scale",
+    "official/dino_r50_4scale_12ep": "official_dino_r50_4scale",
+    "official/dino_r50_5scale_36ep": "official_dino_r50_5scale",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MANIFEST_OF))
+def test_table_config_is_what_the_weights_need(name):
+    """The table's config + options have every value the converter reads off the weights."""
+    sd = random_checkpoint(_MANIFEST_OF[name])
+    for key in [k for k in sd if k.endswith("relative_position_index")]:
+        sd[key] = relative_position_index(int(sd[key].shape[0] ** 0.5))
+    entry = published_weights(name)
+    source_config = {}
+    if "improved" in name:  # read from the config text mmdetection stores in the checkpoint
+        source_config = mmdet_source_config(
+            {"cfg": "positional_encoding=dict(num_feats=128, offset=-0.5, temperature=10000)"}
+        )
+    conversion = convert_state_dict(sd, entry.source, source_config=source_config)
+    assert conversion.base_config == entry.config
+    cfg = model_zoo.get_config(name)
+    for key, value in conversion.config.items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        assert (list(node) if isinstance(node, tuple) else node) == value, (key, node, value)
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -296,7 +338,7 @@ def test_name_through_default_predictor_and_demo(detrex_published, tmp_path):
     predictor = DefaultPredictor(cfg)
     expected = convert_state_dict(detrex_published, "detrex").state_dict
     assert torch.equal(predictor.model.state_dict()["class_embed.3.weight"], expected["class_embed.3.weight"])
-    image = (np.random.default_rng(0).random((80, 96, 3)) * 255).astype(np.uint8)
+    image = (np.random.default_rng(0).random((192, 256, 3)) * 255).astype(np.uint8)
     assert len(predictor(image)["instances"]) > 0
 
     sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -333,7 +375,8 @@ def test_name_through_fine_tuning(detrex_published, tmp_path):
     cfg.MODEL.BACKBONE.merge_from_other_cfg(zoo.MODEL.BACKBONE)
     cfg.merge_from_list(["MODEL.WEIGHTS", zoo.MODEL.WEIGHTS, "MODEL.DINO.NUM_CLASSES", "3"])
     cfg.merge_from_list(["MODEL.DINO.DN_NUMBER", "10"])
-    cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", "1", "TEST.EVAL_PERIOD", "0"])
+    cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", "1", "TEST.EVAL_PERIOD", "0", "INPUT.MIN_SIZE_TRAIN", "(192,)"])
+    cfg.merge_from_list(["INPUT.MAX_SIZE_TRAIN", "256", "INPUT.DETR_CROP.ENABLED", "False"])
     trainer = DinoTrainer(cfg)
     trainer.resume_or_load(resume=False)
     loaded = trainer.model.state_dict()

@@ -247,8 +247,8 @@ def convert_state_dict(
     class_layout: str = "coco80",
     source_config: Optional[Dict[str, object]] = None,
 ) -> Conversion:
-    """Convert the weights of an official (``source="official"``, ResNet or Swin), detrex or
-    mmdetection (``"mmdet"``, ResNet) DINO checkpoint, or of an ImageNet Swin classifier
+    """Convert the weights of an official (``source="official"``, ResNet or Swin), detrex (ResNet or
+    Swin) or mmdetection (``"mmdet"``, ResNet) DINO checkpoint, or of an ImageNet Swin classifier
     (``"swin-imagenet"``: backbone only).
 
     Args:
@@ -277,7 +277,7 @@ def convert_state_dict(
                 raise ValueError(f"mmdet checkpoint: {key!r} has shape {tuple(tensor.shape)}, not a counter")
             counters += 1
             continue
-        if source == "official" and is_swin_buffer(key):
+        if source in ("official", "detrex") and is_swin_buffer(key):
             check_swin_buffer(key, tensor)
             buffers += 1
             continue

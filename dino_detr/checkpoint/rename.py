@@ -138,7 +138,7 @@ _DECODER_NORM = {"0": "norm2", "1": "norm1", "2": "norm3"}
 
 
 def detrex_rules(num_backbone_levels: int, num_decoder_layers: int) -> List[RenameRule]:
-    """IDEA-Research/detrex ``projects/dino`` (Detectron2 ResNet, ``ChannelMapper`` neck,
+    """IDEA-Research/detrex ``projects/dino`` (Detectron2 ResNet or Swin, ``ChannelMapper`` neck,
     per-layer heads plus one more for the encoder proposals at index ``num_decoder_layers``,
     decoder aliases ``transformer.decoder.{class,bbox}_embed`` of the heads)."""
 
@@ -149,6 +149,7 @@ def detrex_rules(num_backbone_levels: int, num_decoder_layers: int) -> List[Rena
         [
             (r"backbone\.stem\.conv1\.(weight|norm\." + _NORM + ")", r"\g<0>"),
             (r"backbone\.res[2-5]\.\d+\.(conv[1-3]|shortcut)\.(weight|norm\." + _NORM + ")", r"\g<0>"),
+            (r"backbone\.(" + SWIN_BODY + r"|norm\d\." + _PARAM + ")", r"\g<0>"),  # Detectron2's SwinTransformer
             *_channel_mapper(r"neck\.", "norm", num_backbone_levels),
             (r"transformer\.level_embeds", "transformer.level_embed"),
             (

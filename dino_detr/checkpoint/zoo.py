@@ -106,8 +106,9 @@ _R50_4, _R50_5, _R101_4 = (
     "configs/dino_r50_5scale.yaml",
     "configs/dino_r101_4scale.yaml",
 )
+_SWINL_4, _SWINL_5 = "configs/dino_swinl_4scale.yaml", "configs/dino_swinl_5scale.yaml"
 
-#: name -> entry. Sources: detrex ``projects/dino/README.md`` (ResNet table), mmdetection
+#: name -> entry. Sources: detrex ``projects/dino/README.md`` (ResNet and Swin tables), mmdetection
 #: ``configs/dino/metafile.yml``, official DINO ``README.md`` (model zoo, 12/24/36 epochs).
 PUBLISHED_WEIGHTS: Dict[str, PublishedWeights] = {
     w.name: w
@@ -124,6 +125,10 @@ PUBLISHED_WEIGHTS: Dict[str, PublishedWeights] = {
         _detrex("dino_r50_4scale_24ep", "v0.1.1", "dino_r50_4scale_24ep.pth", _R50_4, 50.6),
         _detrex("dino_r50_5scale_12ep", "v0.2.1", "dino_r50_5scale_12ep.pth", _R50_5, 49.6),
         _detrex("dino_r101_4scale_12ep", "v0.1.1", "dino_r101_4scale_12ep.pth", _R101_4, 50.0),
+        _detrex("dino_swin_large_384_4scale_12ep", "v0.1.1", "dino_swin_large_4scale_12ep.pth", _SWINL_4, 56.9),
+        _detrex("dino_swin_large_384_5scale_12ep", "v0.2.1", "dino_swin_large_384_5scale_12ep.pth", _SWINL_5, 57.5),
+        _detrex("dino_swin_large_384_4scale_36ep", "v0.2.0", "dino_swin_large_384_4scale_36ep.pth", _SWINL_4, 58.1),
+        _detrex("dino_swin_large_384_5scale_36ep", "v0.2.1", "dino_swin_large_384_5scale_36ep.pth", _SWINL_5, 58.5),
         _mmdet("dino-4scale_r50_8xb2-12e_coco", "20221202_182705", "55b2bba2", _R50_4, 49.0, _PER_LAYER_HEADS),
         _mmdet(
             "dino-4scale_r50_improved_8xb2-12e_coco",
