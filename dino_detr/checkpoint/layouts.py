@@ -52,8 +52,11 @@ def mmdet_source_config(meta: Any) -> Dict[str, object]:
     out = {}
     temperature = re.search(r"temperature\s*=\s*([-0-9.e]+)", block.group(1))
     offset = re.search(r"offset\s*=\s*([-0-9.e]+)", block.group(1))
-    if temperature:
-        out["MODEL.DINO.PE_TEMPERATURE_H"] = out["MODEL.DINO.PE_TEMPERATURE_W"] = float(temperature.group(1))
+    if temperature:  # an int in this project's config
+        value = float(temperature.group(1))
+        out["MODEL.DINO.PE_TEMPERATURE_H"] = out["MODEL.DINO.PE_TEMPERATURE_W"] = (
+            int(value) if value.is_integer() else value
+        )
     if offset:
         out["MODEL.DINO.PE_OFFSET"] = float(offset.group(1))
     return out
