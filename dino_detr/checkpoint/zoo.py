@@ -29,6 +29,7 @@ __all__ = [
     "PUBLISHED_WEIGHTS",
     "PublishedWeights",
     "PublishedWeightsHandler",
+    "UnknownWeightsError",
     "published_weights",
     "register_weight_handlers",
 ]
@@ -148,16 +149,23 @@ PUBLISHED_WEIGHTS: Dict[str, PublishedWeights] = {
 }
 
 
+class UnknownWeightsError(KeyError):
+    """A name not in :data:`PUBLISHED_WEIGHTS` (the message lists the known ones, one per line)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def published_weights(name: str) -> PublishedWeights:
     """The table entry of ``name`` (with or without ``dino_detr://``).
 
     Raises:
-        KeyError: listing the known names.
+        UnknownWeightsError: (a ``KeyError``) listing the known names.
     """
     key = name[len(PREFIX) :] if name.startswith(PREFIX) else name
     if key not in PUBLISHED_WEIGHTS:
         known = "\n  ".join(PUBLISHED_WEIGHTS)
-        raise KeyError(f"unknown published weights {name!r}; known names (dino_detr://<name>):\n  {known}")
+        raise UnknownWeightsError(f"unknown published weights {name!r}; known names (dino_detr://<name>):\n  {known}")
     return PUBLISHED_WEIGHTS[key]
 
 
