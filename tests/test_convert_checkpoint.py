@@ -349,8 +349,8 @@ def test_mmdet_converts_and_loads_strictly(tmp_path):
     assert (conv.config["MODEL.DINO.PE_TEMPERATURE_H"], conv.config["MODEL.DINO.PE_OFFSET"]) == (20, 0.0)
     strict_load(conv, 4, tmp_path)
     counters = [k for k in src if k.endswith("num_batches_tracked")]
-    # counters dropped; 4 zero neck biases added; 6 decoder box-head aliases of this model
-    assert len(conv.state_dict) == len(src) - len(counters) + 4 + 6
+    # counters dropped; 4 zero neck biases added; this model's decoder aliases of the 6 box heads (6 tensors each)
+    assert len(conv.state_dict) == len(src) - len(counters) + 4 + 36
     pairs = {
         "backbone.conv1.weight": "backbone.stem.conv1.weight",
         "backbone.layer2.0.downsample.1.running_var": "backbone.res3.0.shortcut.norm.running_var",
