@@ -28,19 +28,24 @@ def add_dino_config(cfg):
 
 def get_dino_cfg(config_file, opts=()):
     """Detectron2's default config with the DINO keys, then ``config_file`` and the
-    ``KEY VALUE`` overrides ``opts`` merged in (not frozen).
+    ``KEY VALUE`` overrides ``opts`` merged in (not frozen). ``config_file`` may also name
+    published weights (``dino_detr://<source>/<name>``, see :mod:`dino_detr.model_zoo`).
 
     An empty or non-mapping config file, and a command-line option (``--resume``) caught
     among the overrides (argparse's ``REMAINDER`` takes everything after the first KEY),
     raise ``ValueError`` saying so.
     """
-    _check_config_file(str(config_file))
     flags = [o for o in opts if isinstance(o, str) and o.startswith("--")]
     if flags:
         raise ValueError(
             f"'{flags[0]}' is among the KEY VALUE config overrides {list(opts)}: everything after the first KEY is "
             f"read as overrides, so put command-line options such as {flags[0]} before them"
         )
+    if str(config_file).startswith("dino_detr://"):  # published weights: their config and MODEL.WEIGHTS
+        from .model_zoo import get_config
+
+        return get_config(str(config_file), opts=opts)
+    _check_config_file(str(config_file))
     cfg = get_cfg()
     add_dino_config(cfg)
     cfg.merge_from_file(str(config_file))

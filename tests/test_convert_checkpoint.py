@@ -336,3 +336,78 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "configs/dino_r50_5scale.yaml" in printed and "MODEL.DINO.NUM_CLASSES 91" in printed
     loaded = torch.load(str(out), weights_only=True)
     assert loaded["model"]["class_embed.0.weight"].shape == (91, 256)
+
+
+# ----------------------------------------------------------------------------- mmdetection
+
+
+def test_mmdet_converts_and_loads_strictly(tmp_path):
+    src = random_checkpoint("mmdet_dino_r50_4scale")
+    conv = convert_state_dict(src, "mmdet")
+    assert conv.base_config == "configs/dino_r50_4scale.yaml"
+    assert conv.config["MODEL.DINO.DEC_PRED_CLASS_EMBED_SHARE"] is False
+    assert (conv.config["MODEL.DINO.PE_TEMPERATURE_H"], conv.config["MODEL.DINO.PE_OFFSET"]) == (20, 0.0)
+    strict_load(conv, 4, tmp_path)
+    counters = [k for k in src if k.endswith("num_batches_tracked")]
+    # counters dropped; 4 zero neck biases added; this model's decoder aliases of the 6 box heads (6 tensors each)
+    assert len(conv.state_dict) == len(src) - len(counters) + 4 + 36
+    pairs = {
+        "backbone.conv1.weight": "backbone.stem.conv1.weight",
+        "backbone.layer2.0.downsample.1.running_var": "backbone.res3.0.shortcut.norm.running_var",
+        "backbone.layer3.4.bn3.bias": "backbone.res4.4.conv3.norm.bias",
+        "neck.convs.2.conv.weight": "input_proj.2.0.weight",
+        "neck.convs.0.gn.bias": "input_proj.0.1.bias",
+        "neck.extra_convs.0.gn.weight": "input_proj.3.1.weight",
+        "level_embed": "transformer.level_embed",
+        "query_embedding.weight": "transformer.tgt_embed.weight",
+        "memory_trans_fc.weight": "transformer.enc_output.weight",
+        "memory_trans_norm.bias": "transformer.enc_output_norm.bias",
+        "encoder.layers.3.self_attn.sampling_offsets.weight": "transformer.encoder.layers.3.self_attn.sampling_offsets.weight",
+        "encoder.layers.3.norms.1.weight": "transformer.encoder.layers.3.norm2.weight",
+        "encoder.layers.5.ffn.layers.0.0.weight": "transformer.encoder.layers.5.linear1.weight",
+        "decoder.layers.2.self_attn.attn.in_proj_weight": "transformer.decoder.layers.2.self_attn.in_proj_weight",
+        "decoder.layers.2.norms.0.bias": "transformer.decoder.layers.2.norm2.bias",
+        "decoder.layers.2.norms.1.bias": "transformer.decoder.layers.2.norm1.bias",
+        "decoder.layers.2.ffn.layers.1.weight": "transformer.decoder.layers.2.linear2.weight",
+        "decoder.ref_point_head.layers.1.bias": "transformer.decoder.ref_point_head.layers.1.bias",
+        "decoder.norm.weight": "transformer.decoder.norm.weight",
+        "bbox_head.cls_branches.4.weight": "class_embed.4.weight",
+        "bbox_head.cls_branches.6.bias": "transformer.enc_out_class_embed.bias",
+        "bbox_head.reg_branches.5.4.weight": "bbox_embed.5.layers.2.weight",
+        "bbox_head.reg_branches.6.2.bias": "transformer.enc_out_bbox_embed.layers.1.bias",
+    }
+    for s, o in pairs.items():
+        assert torch.equal(conv.state_dict[o], src[s]), (s, o)
+    assert not conv.state_dict["input_proj.1.0.bias"].any()
+    label = conv.state_dict["label_enc.weight"]
+    assert torch.equal(label[:80], src["dn_query_generator.label_embedding.weight"]) and not label[80].any()
+
+
+def test_mmdet_source_is_recognised_and_checked(tmp_path, capsys):
+    from dino_detr.checkpoint import layout_of, mmdet_source_config
+
+    src = random_checkpoint("mmdet_dino_r50_4scale")
+    assert layout_of(src) == "mmdet" and layout_of(random_checkpoint("detrex_dino_r50_4scale")) == "detrex"
+    with pytest.raises(ValueError, match="bbox_head.*source 'mmdet'"):
+        convert_state_dict(src, "detrex")
+    improved = "model = dict(positional_encoding=dict(num_feats=128, normalize=True, offset=-0.5, temperature=10000))"
+    assert mmdet_source_config({"cfg": improved}) == {
+        "MODEL.DINO.PE_TEMPERATURE_H": 10000,
+        "MODEL.DINO.PE_TEMPERATURE_W": 10000,
+        "MODEL.DINO.PE_OFFSET": -0.5,
+    }
+    assert mmdet_source_config({}) == {} and mmdet_source_config(None) == {}
+    # the CLI: mmdetection's {"meta", "state_dict"} file, layout recognised without --source
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", os.path.join(REPO, "tools", "convert_checkpoint.py")
+    )
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    path, out = tmp_path / "dino-4scale_r50_improved.pth", tmp_path / "ours.pth"
+    torch.save({"meta": {"cfg": improved}, "state_dict": src}, path)
+    cli.main([str(path), str(out), "--no-verify"])
+    printed = capsys.readouterr().out
+    assert "MODEL.DINO.PE_TEMPERATURE_H 10000 " in printed and "MODEL.DINO.PE_OFFSET -0.5" in printed
+    assert "DEC_PRED_CLASS_EMBED_SHARE False" in printed

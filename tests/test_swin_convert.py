@@ -188,3 +188,20 @@ def test_backbone_weights_load_into_dino_with_detectron2(tmp_path):
     DetectionCheckpointer(model).load(path)
     for k, v in conv.state_dict.items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("scale", [4, 5])
+def test_detrex_swinl_converts_to_the_swin_configs(scale):
+    """detrex's Swin-L 384 DINO (Detectron2's SwinTransformer: the names of this project's backbone)."""
+    src = with_buffers(random_checkpoint(f"detrex_dino_swinl_{scale}scale"))
+    conv = convert_state_dict(src, "detrex")
+    assert conv.base_config == f"configs/dino_swinl_{scale}scale.yaml"
+    assert conv.config["MODEL.SWIN.WINDOW_SIZE"] == 12 and conv.config["MODEL.DINO.PE_OFFSET"] == -0.5
+    assert any("24 Swin relative_position_index" in n for n in conv.notes)
+    check_against_model(conv.state_dict, model_of(conv.base_config, conv.opts(), "meta"))
+    for key in (
+        "backbone.layers.2.blocks.17.attn.qkv.weight",
+        "backbone.norm3.bias",
+        "backbone.patch_embed.proj.weight",
+    ):
+        assert torch.equal(conv.state_dict[key], src[key]), key

@@ -3,6 +3,7 @@
 
     python tools/convert_checkpoint.py --source official checkpoint0011_4scale.pth dino_r50_4scale_12ep.pth
     python tools/convert_checkpoint.py --source detrex dino_r50_4scale_12ep_49_2AP.pth dino_detrex_r50_4scale.pth
+    python tools/convert_checkpoint.py --source mmdet dino-4scale_r50_8xb2-12e_coco_20221202_182705-55b2bba2.pth out.pth
     python tools/convert_checkpoint.py --source swin-imagenet swin_large_patch4_window12_384_22k.pth swinl_22k.pth
 
 The classifier rows are remapped to Detectron2's 80 contiguous COCO classes (``--classes coco80``,
@@ -11,6 +12,9 @@ official checkpoints). ``swin-imagenet`` converts an ImageNet Swin classifier in
 weights to train DINO from (``MODEL.WEIGHTS`` of a Swin config). The converted weights are loaded
 strictly into the model built from the matching config (unless ``--no-verify``), and the config file
 and options to use are printed.
+Without ``--source`` the layout is recognised from the tensor names (as ``MODEL.WEIGHTS`` does on
+load, with the same code: converting by hand is only needed to keep a converted file). For
+mmdetection the position embedding is read from the config stored in the checkpoint (``meta``).
 The input is read with ``torch.load(weights_only=True)``; a trusted older file that needs more is
 allowed by naming it in ``DINO_DETR_TRUSTED_WEIGHTS`` (see the README).
 """
@@ -24,7 +28,9 @@ from dino_detr.checkpoint import (
     SOURCES,
     check_against_model,
     convert_state_dict,
+    layout_of,
     load_source_state_dict,
+    mmdet_source_config,
     save_detectron2_checkpoint,
 )
 
@@ -64,7 +70,9 @@ def verify(conversion, config_file: str, opts) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, choices=SOURCES, help="who published the checkpoint")
+    parser.add_argument(
+        "--source", choices=SOURCES, help="who published the checkpoint (default: recognised from the tensor names)"
+    )
     parser.add_argument("input", help="source checkpoint (.pth)")
     parser.add_argument("output", help="Detectron2 checkpoint to write (.pth)")
     parser.add_argument(
@@ -81,7 +89,12 @@ def main(argv=None):
     parser.add_argument("--no-verify", action="store_true", help="skip the strict load into a freshly built model")
     args = parser.parse_args(argv)
 
-    conversion = convert_state_dict(load_source_state_dict(args.input), args.source, args.classes)
+    state, rest = load_source_state_dict(args.input, with_rest=True)
+    source = args.source or layout_of(state)
+    if source not in SOURCES:
+        parser.error(f"{args.input}: no official / detrex / mmdet DINO tensor names found: give --source")
+    source_config = mmdet_source_config(rest.get("meta")) if source == "mmdet" else None
+    conversion = convert_state_dict(state, source, args.classes, source_config)
     config_file = args.config_file or os.path.join(REPO, conversion.base_config)
     opts = changed_opts(conversion, config_file)
     if not args.no_verify:

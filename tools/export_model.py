@@ -13,10 +13,10 @@ import argparse
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from dino_detr import get_dino_cfg
+from dino_detr.checkpoint import SafeCheckpointer
 from dino_detr.export import SIZE_RANGE, compile_aoti, export_detector, export_onnx, save_program
 
 from user_errors import run_tool
@@ -55,7 +55,7 @@ def main(argv=None):
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     program = export_detector(model, tuple(args.size), tuple(args.size_range))
     path = WRITERS[args.format](program, args.output)
     print(f"wrote {args.format} to {path}")

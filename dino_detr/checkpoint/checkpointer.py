@@ -11,7 +11,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from .finetune import drop_mismatched_class_tensors, mismatched_class_tensors
 from .fit import check_checkpoint_fits
-from .io import atomic_open
+from .io import SOURCE_GLOBALS, atomic_open
+from .layouts import as_project_checkpoint
 from .safe_load import UnreadableCheckpointError, load_pickled_arrays, load_torch_weights
 
 __all__ = ["SafeCheckpointer", "use_safe_checkpointer"]
@@ -35,6 +36,9 @@ class SafeCheckpointer(DetectionCheckpointer):
     * Loading runs no code: ``.pkl`` files through an unpickler that allows only NumPy arrays
       and containers, anything else through ``torch.load(weights_only=True)``; a refused file
       raises an error naming it and the opt-in for trusted files (``DINO_DETR_TRUSTED_WEIGHTS``).
+    * Checkpoints of the official DINO, detrex and mmdetection are recognised from their tensor
+      names and converted in memory (:func:`as_project_checkpoint`); ``dino_detr://<name>``
+      loads published weights by name (``dino_detr.checkpoint.zoo``).
     * Weights that do not fit (see :func:`check_checkpoint_fits`) raise ``ValueError`` instead
       of leaving the model randomly initialised with a warning.
     * A checkpoint of another number of classes: with ``reinit_class_tensors=True`` (fine-tuning)
@@ -55,10 +59,10 @@ class SafeCheckpointer(DetectionCheckpointer):
         self._loading = filename
         if filename.endswith(".pkl"):
             return _as_detectron2_checkpoint(load_pickled_arrays(filename), filename)
-        loaded = load_torch_weights(filename)
+        loaded = load_torch_weights(filename, SOURCE_GLOBALS)
         if not isinstance(loaded, dict):
             raise UnreadableCheckpointError(f"{filename}: holds a {type(loaded).__name__}, not a dict of tensors")
-        return loaded if "model" in loaded else {"model": loaded}
+        return as_project_checkpoint(loaded, self.model, filename)
 
     def _load_model(self, checkpoint: Any):
         if not self.reinit_class_tensors:

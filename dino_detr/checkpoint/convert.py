@@ -1,4 +1,4 @@
-"""Conversion of official DINO / detrex DINO checkpoints into this project's ``DinoDetr``.
+"""Conversion of official DINO / detrex / mmdetection DINO checkpoints into this project's ``DinoDetr``.
 
 Every source tensor is renamed (``rename.py``), aliases (the same tensor stored twice) are
 checked equal, classification rows are remapped from the 91 COCO category ids to Detectron2's
@@ -9,20 +9,20 @@ that names the tensor.
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from .coco_classes import COCO_NUM_IDS, rows_91_to_80
-from .rename import detrex_rules, official_rules, rename
+from .rename import detrex_rules, mmdet_rules, official_rules, rename
 from .rename import layer_count as _layer_count
 from .swin import check_swin_buffer, convert_swin_classifier, infer_swin_config, is_swin_buffer
 
-__all__ = ["SOURCES", "CLASS_LAYOUTS", "Conversion", "convert_state_dict", "check_against_model"]
+__all__ = ["SOURCES", "CLASS_LAYOUTS", "Conversion", "convert_state_dict", "check_against_model", "source_of"]
 
 #: ``swin-imagenet``: an ImageNet Swin classifier (microsoft/Swin-Transformer) -> backbone only.
-SOURCES = ("official", "detrex", "swin-imagenet")
+SOURCES = ("official", "detrex", "mmdet", "swin-imagenet")
 #: ``coco80``: Detectron2's contiguous COCO classes (what ``coco_2017_val`` evaluation needs);
 #: ``source``: the classifier rows as stored (official: 91 COCO category ids).
 CLASS_LAYOUTS = ("coco80", "source")
@@ -56,21 +56,50 @@ class Conversion:
         return [x for k, v in self.config.items() for x in (k, str(v).replace(" ", ""))]
 
 
-# A tensor name only one of the sources has, to catch a wrong ``source`` early.
-_TELLTALE = {"official": ("backbone.0.body.", "backbone.0.patch_embed."), "detrex": ("neck.",)}
+# Tensor names only one of the sources has (checked in this order: mmdetection also has a ``neck``).
+_TELLTALE = {
+    "official": ("backbone.0.body.", "backbone.0.patch_embed."),
+    "mmdet": ("bbox_head.", "dn_query_generator."),
+    "detrex": ("neck.",),
+}
+
+
+def source_of(names) -> Optional[tuple]:
+    """``(source, telltale tensor name)`` of the first source in :data:`SOURCES` whose own tensor
+    names occur among ``names``; ``None`` when none does (this project's names, or another model's)."""
+    for source, prefixes in _TELLTALE.items():
+        hit = next((k for k in names if k.startswith(prefixes)), None)
+        if hit is not None:
+            return source, hit
+    return None
 
 
 def _check_source(source: str, names) -> None:
-    for other, prefixes in _TELLTALE.items():
-        hit = next((k for k in names if k.startswith(prefixes)), None)
-        if other != source and hit is not None:
-            raise ValueError(f"{hit!r} is a tensor of a {other} checkpoint, not a {source} one: use source {other!r}")
+    found = source_of(names)
+    if found is not None and found[0] != source:
+        other, hit = found
+        raise ValueError(f"{hit!r} is a tensor of a {other} checkpoint, not a {source} one: use source {other!r}")
 
 
 def _rules_for(source: str, names) -> list:
     if source == "official":
         return official_rules()
+    if source == "mmdet":
+        return mmdet_rules(_layer_count(names, "neck.convs."), _layer_count(names, "decoder.layers."))
     return detrex_rules(_layer_count(names, "neck.convs."), _layer_count(names, "transformer.decoder.layers."))
+
+
+def _add_missing_conv_bias(out: Dict[str, torch.Tensor], notes: List[str]) -> None:
+    """mmdetection's ``ChannelMapper`` convolutions have no bias (a GroupNorm follows); this model's
+    input projections do: a zero bias computes the same."""
+    added = 0
+    for key in [k for k in out if re.fullmatch(r"input_proj\.\d+\.0\.weight", k)]:
+        bias = key[: -len("weight")] + "bias"
+        if bias not in out:
+            out[bias] = out[key].new_zeros(out[key].shape[0])
+            added += 1
+    if added:
+        notes.append(f"input_proj: {added} zero convolution biases added (mmdetection's neck convolutions have none)")
 
 
 def _check_alias(source_sd, alias: str, source: str) -> str:
@@ -118,7 +147,7 @@ def _convert_classes(out: Dict[str, torch.Tensor], source: str, layout: str, not
             f"{source} checkpoint: label_enc.weight has {label_rows} rows, expected {expected} "
             f"for {num_classes} classes"
         )
-    if source == "detrex":
+    if source != "official":
         enc = out["label_enc.weight"]
         out["label_enc.weight"] = torch.cat([enc, enc.new_zeros(1, enc.shape[1])])
         notes.append("label_enc: appended the spare row of the official layout (zeros; never indexed)")
@@ -135,10 +164,10 @@ def _convert_classes(out: Dict[str, torch.Tensor], source: str, layout: str, not
         return 80
     if num_classes != 80:
         raise ValueError(
-            f"detrex checkpoint: {class_keys[0]} has {num_classes} classes; COCO layout needs 80 "
+            f"{source} checkpoint: {class_keys[0]} has {num_classes} classes; COCO layout needs 80 "
             "(use the 'source' class layout for other data sets)"
         )
-    notes.append("class rows: detrex already uses Detectron2's 80 contiguous COCO classes")
+    notes.append(f"class rows: {source} already uses the 80 contiguous COCO classes of Detectron2")
     return 80
 
 
@@ -180,12 +209,21 @@ def _infer_config(out: Dict[str, torch.Tensor], source: str, num_classes: int):
             "MODEL.DINO.DEC_PRED_BBOX_EMBED_SHARE": _heads_shared(out, "bbox_embed", dec_layers),
         }
     )
-    if source == "detrex":
-        # detrex's PositionEmbeddingSine(temperature=10000, normalize=True, offset=-0.5)
-        config["MODEL.DINO.PE_TEMPERATURE_H"] = 10000
-        config["MODEL.DINO.PE_TEMPERATURE_W"] = 10000
-        config["MODEL.DINO.PE_OFFSET"] = -0.5
+    temperature, offset = _POSITION_EMBEDDING.get(source, (20, 0.0))
+    config.update(
+        {
+            "MODEL.DINO.PE_TEMPERATURE_H": temperature,
+            "MODEL.DINO.PE_TEMPERATURE_W": temperature,
+            "MODEL.DINO.PE_OFFSET": offset,
+        }
+    )
     return config, base
+
+
+# (temperature, offset) of the sine position embedding: detrex's PositionEmbeddingSine(temperature=10000,
+# offset=-0.5); mmdetection's base config SinePositionalEncoding(temperature=20, offset=0.0) like the
+# official DINO (its "improved" config: 10000 and -0.5, given with ``source_config``).
+_POSITION_EMBEDDING = {"detrex": (10000, -0.5), "mmdet": (20, 0.0), "official": (20, 0.0)}
 
 
 def _infer_resnet_config(out: Dict[str, torch.Tensor], in_channels: List[int], levels: int):
@@ -203,14 +241,22 @@ def _infer_resnet_config(out: Dict[str, torch.Tensor], in_channels: List[int], l
     return config, f"configs/{name if name in known else 'Base-DINO.yaml'}"
 
 
-def convert_state_dict(state_dict: Dict[str, torch.Tensor], source: str, class_layout: str = "coco80") -> Conversion:
-    """Convert the weights of an official (``source="official"``, ResNet or Swin) or detrex DINO
-    checkpoint, or of an ImageNet Swin classifier (``"swin-imagenet"``: backbone only).
+def convert_state_dict(
+    state_dict: Dict[str, torch.Tensor],
+    source: str,
+    class_layout: str = "coco80",
+    source_config: Optional[Dict[str, object]] = None,
+) -> Conversion:
+    """Convert the weights of an official (``source="official"``, ResNet or Swin), detrex (ResNet or
+    Swin) or mmdetection (``"mmdet"``, ResNet) DINO checkpoint, or of an ImageNet Swin classifier
+    (``"swin-imagenet"``: backbone only).
 
     Args:
         state_dict: the source model's tensors (name -> tensor).
         source: one of :data:`SOURCES`.
         class_layout: one of :data:`CLASS_LAYOUTS` (DINO checkpoints only).
+        source_config: config keys known from outside the tensors (e.g. the position embedding
+            read from an mmdetection checkpoint's stored config); they override the inferred ones.
     Raises:
         KeyError / ValueError naming the tensor: unknown names, broken aliases, inconsistent
         class rows, missing parts, another model's checkpoint.
@@ -224,9 +270,14 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], source: str, class_l
     _check_source(source, state_dict)
     rules = _rules_for(source, state_dict)
     out: Dict[str, torch.Tensor] = {}
-    aliases = buffers = 0
+    aliases = buffers = counters = 0
     for key, tensor in state_dict.items():
-        if source == "official" and is_swin_buffer(key):
+        if source == "mmdet" and key.endswith(".num_batches_tracked"):
+            if tensor.numel() != 1:
+                raise ValueError(f"mmdet checkpoint: {key!r} has shape {tuple(tensor.shape)}, not a counter")
+            counters += 1
+            continue
+        if source in ("official", "detrex") and is_swin_buffer(key):
             check_swin_buffer(key, tensor)
             buffers += 1
             continue
@@ -239,11 +290,16 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], source: str, class_l
             raise KeyError(f"{source} checkpoint: {key!r} maps to {target!r}, which another tensor already filled")
         out[target] = tensor.detach().to("cpu").clone()
     notes = [f"{aliases} alias tensors (transformer.decoder.*_embed = the heads) checked equal and not duplicated"]
+    if counters:
+        notes.append(f"{counters} BatchNorm num_batches_tracked counters not copied (frozen BatchNorm has none)")
+    if source == "mmdet":
+        _add_missing_conv_bias(out, notes)
     if buffers:
         notes.append(f"{buffers} Swin relative_position_index buffers checked against the window size, not copied")
     _link_decoder_box_heads(out, source)
     num_classes = _convert_classes(out, source, class_layout, notes)
     config, base = _infer_config(out, source, num_classes)
+    config.update(source_config or {})
     if source == "official" and class_layout == "source" and num_classes == COCO_NUM_IDS:
         notes.append(
             "classes kept as 91 COCO category ids: pred_classes are COCO ids, not Detectron2's "

@@ -8,13 +8,14 @@ from typing import IO, Dict, Iterator
 
 import torch
 
+from .layouts import checkpoint_weights
 from .safe_load import load_torch_weights
 
-__all__ = ["atomic_open", "load_source_state_dict", "save_detectron2_checkpoint"]
+__all__ = ["SOURCE_GLOBALS", "atomic_open", "load_source_state_dict", "save_detectron2_checkpoint"]
 
-# Published checkpoints store their training arguments as an ``argparse.Namespace`` (official
-# DINO) next to the weights; it is plain data, so it is allowed under ``weights_only``.
-_SAFE_GLOBALS = [argparse.Namespace]
+#: Published checkpoints store their training arguments as an ``argparse.Namespace`` (official
+#: DINO) next to the weights; it is plain data, so it is allowed under ``weights_only``.
+SOURCE_GLOBALS = [argparse.Namespace]
 
 
 @contextlib.contextmanager
@@ -44,27 +45,29 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
         os.close(fd)
 
 
-def load_source_state_dict(path: str) -> Dict[str, torch.Tensor]:
+def load_source_state_dict(path: str, with_rest: bool = False):
     """The model weights of a checkpoint file, read with ``torch.load(weights_only=True)``
     unless the file is listed in ``DINO_DETR_TRUSTED_WEIGHTS`` (see ``safe_load``).
 
     Args:
         path: a ``.pth`` file holding a state dict or a dict with the state dict under
-            ``"model"`` (official DINO, detrex, Detectron2).
+            ``"model"`` (official DINO, detrex, Detectron2) or ``"state_dict"`` (mmdetection).
+        with_rest: also return the checkpoint's other entries (e.g. mmdetection's ``"meta"``).
     Returns:
-        name -> tensor, on the CPU.
+        name -> tensor, on the CPU (and the other entries with ``with_rest``).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    obj = load_torch_weights(path, _SAFE_GLOBALS)
-    state = obj.get("model", obj) if isinstance(obj, dict) else obj
+    state, rest = checkpoint_weights(load_torch_weights(path, SOURCE_GLOBALS))
     if not isinstance(state, dict) or not state:
-        raise ValueError(f"{path}: no state dict found (expected a dict of tensors, or one under 'model')")
+        raise ValueError(
+            f"{path}: no state dict found (expected a dict of tensors, or one under 'model' / 'state_dict')"
+        )
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         kind = type(state[bad[0]]).__name__
         raise ValueError(f"{path}: entry {bad[0]!r} of the state dict is a {kind}, not a tensor")
-    return dict(state)
+    return (dict(state), rest) if with_rest else dict(state)
 
 
 def save_detectron2_checkpoint(state_dict: Dict[str, torch.Tensor], path: str) -> None:
