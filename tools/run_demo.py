@@ -53,6 +53,7 @@ def main(argv=None):
     start = time.perf_counter()
     trainer.train()  # ends with the evaluation on DATASETS.TEST (AP table in the log)
     train_seconds = time.perf_counter() - start
+    seconds_per_iter = trainer.storage.history("time").global_avg()  # Detectron2's IterationTimer
     results = trainer._last_eval_results if hasattr(trainer, "_last_eval_results") else trainer.evaluate()
     bbox = results["bbox"]
 
@@ -67,6 +68,7 @@ def main(argv=None):
     summary = {
         "bbox": bbox,
         "train_and_eval_seconds": round(train_seconds, 1),
+        "seconds_per_iteration": round(seconds_per_iter, 3),
         "device": cfg.MODEL.DEVICE,
         "max_iter": cfg.SOLVER.MAX_ITER,
         "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
@@ -78,7 +80,8 @@ def main(argv=None):
     print("|" + "---|" * len(bbox))
     print("| " + " | ".join(f"{v:.1f}" for v in bbox.values()) + " |")
     print(
-        f"training + evaluation: {train_seconds / 60:.1f} min on {cfg.MODEL.DEVICE}; "
+        f"training + evaluation: {train_seconds / 60:.1f} min on {cfg.MODEL.DEVICE} "
+        f"({seconds_per_iter:.2f} s/iteration); "
         f"{len(written)} visualizations in {vis_dir}"
     )
 
