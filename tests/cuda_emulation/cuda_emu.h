@@ -9,7 +9,9 @@
 //     (source site, mask, mode and width); a mask that omits the caller or names a lane outside
 //     the block, a named lane that has exited or waits at another call, and a source lane outside
 //     the mask are reported.
-//   - atomicAdd is a plain add (one OS thread runs all fibers).
+//   - atomicAdd is a plain add (one OS thread runs all fibers), so the order of a launch's atomics
+//     is its schedule's: `rt.reverse` runs the blocks and the threads of each block in reverse
+//     order, another schedule a GPU may have (what proves a kernel's results independent of it).
 //   - MSDA_KERNEL_ASSERT failing aborts the launch with its message (a device-side assertion).
 // Errors surface as cuda_emu::Error thrown by launch(). Build with
 // -fsanitize=address,undefined to check the kernels' indexing and integer arithmetic too.
@@ -81,6 +83,7 @@ struct Runtime {
   ucontext_t scheduler_context;
   const std::function<void()>* body = nullptr;
   std::string error;  // set by a fiber (device-side assertion), thrown by the scheduler
+  bool reverse = false;  // blocks and threads in reverse order
 #ifdef CUDA_EMU_ASAN
   void* fake_stack = nullptr;  // the scheduler's, while a fiber runs
   const void* scheduler_stack_bottom = nullptr;
@@ -332,11 +335,12 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   try {
     for (unsigned bz = 0; bz < grid.z; ++bz) {
       for (unsigned by = 0; by < grid.y; ++by) {
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          rt.block_idx = {bx, by, bz};
+        for (unsigned i = 0; i < grid.x; ++i) {
+          rt.block_idx = {rt.reverse ? grid.x - 1 - i : i, by, bz};
           for (Fiber& f : rt.fibers) f.state = State::ready;
           for (int done = 0; done < threads;) {
-            for (int t = 0; t < threads; ++t) {
+            for (int i_t = 0; i_t < threads; ++i_t) {
+              const int t = rt.reverse ? threads - 1 - i_t : i_t;
               if (rt.fibers[t].state == State::ready) run_fiber(t);
               if (!rt.error.empty()) fail(rt.error);
             }

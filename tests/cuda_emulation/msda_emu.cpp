@@ -1,17 +1,19 @@
-// The CUDA kernels and launch code of dino_detr/csrc/cuda/ms_deform_attn_kernels.cuh, compiled for
-// the host behind cuda_emu.h, with a C interface for ctypes (msda_emu.py). Each call copies its
+// The CUDA kernels and launch code of dino_detr/csrc/cuda/ (ms_deform_attn_launch.cuh and the kernel
+// variants it launches), compiled for the host behind cuda_emu.h, with a C interface for ctypes (msda_emu.py). Each call copies its
 // inputs and outputs into buffers of exactly their size, so AddressSanitizer's redzones sit right
 // after every tensor, and the output buffers start as the caller filled them (e.g. NaN, to prove
 // that the forward writes every element).
 #include <ATen/OpMathType.h>  // before cuda_emu.h: c10's headers see a plain host build
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <iterator>
 #include <type_traits>
 #include <vector>
 
 #include "cuda_emu.h"
-#include "cuda/ms_deform_attn_kernels.cuh"
+#include "cuda/ms_deform_attn_launch.cuh"
 
 namespace {
 using dino_detr::MSDASizes;
@@ -41,20 +43,39 @@ struct Args {
 };
 
 template <typename scalar_t, typename loc_t>
-void forward(const Args& a, void* out, const MSDASizes& s, int64_t max_blocks) {
+void forward(const Args& a, int kernel, void* out, const MSDASizes& s, int64_t max_blocks) {
   const int64_t samples = s.batch * s.queries * s.heads * s.levels * s.points;
   Buffer<scalar_t> value(a.value, s.batch * s.spatial * s.heads * s.channels);
   Buffer<int64_t> shapes(a.shapes, 2 * s.levels), starts(a.starts, s.levels);
   Buffer<loc_t> locations(a.locations, 2 * samples), weights(a.weights, samples);
   Buffer<scalar_t> o(out, s.batch * s.queries * s.heads * s.channels);
-  dino_detr::msda::launch_forward(EmuBackend{max_blocks}, value.data.data(), shapes.data.data(), starts.data.data(),
+  dino_detr::msda::launch_forward(EmuBackend{max_blocks}, static_cast<dino_detr::msda::ForwardKernel>(kernel),
+                                  value.data.data(), shapes.data.data(), starts.data.data(),
                                   locations.data.data(), weights.data.data(), o.data.data(), s);
   o.copy_back();
 }
 
 // grad_value is handed over in the accumulation type (float32 for the half types), as the .cu allocates it.
+// NaN-propagating max |x| over n elements (as at::amax of abs on the GPU).
+template <typename T>
+double max_abs(const std::vector<T>& x) {
+  double m = 0;
+  for (const T& v : x) {
+    const double a = std::fabs(static_cast<double>(v));
+    if (!(a <= m)) m = a;
+    if (m != m) break;
+  }
+  return m;
+}
+
+// The deterministic backward's workspace, as the .cu allocates it.
+struct Workspace {
+  std::vector<unsigned long long> fixed;
+  double bounds[2];
+};
+
 template <typename scalar_t, typename loc_t>
-void backward(const Args& a, void* grad_out, void* grad_value, void* grad_loc, void* grad_attn, const MSDASizes& s,
+void backward(const Args& a, int kernel, void* grad_out, void* grad_value, void* grad_loc, void* grad_attn, const MSDASizes& s,
               int64_t max_blocks) {
   using grad_value_t = dino_detr::msda::grad_value_acc_t<scalar_t>;
   const int64_t samples = s.batch * s.queries * s.heads * s.levels * s.points;
@@ -64,9 +85,11 @@ void backward(const Args& a, void* grad_out, void* grad_value, void* grad_loc, v
   Buffer<loc_t> locations(a.locations, 2 * samples), weights(a.weights, samples);
   Buffer<grad_value_t> gv(grad_value, values);
   Buffer<loc_t> gl(grad_loc, 2 * samples), ga(grad_attn, samples);
-  dino_detr::msda::launch_backward(EmuBackend{max_blocks}, g.data.data(), value.data.data(), shapes.data.data(),
-                                   starts.data.data(), locations.data.data(), weights.data.data(), gv.data.data(),
-                                   gl.data.data(), ga.data.data(), s);
+  Workspace work{std::vector<unsigned long long>(values), {max_abs(g.data), max_abs(weights.data)}};
+  dino_detr::msda::launch_backward(EmuBackend{max_blocks}, static_cast<dino_detr::msda::BackwardKernel>(kernel),
+                                   g.data.data(), value.data.data(), shapes.data.data(), starts.data.data(),
+                                   locations.data.data(), weights.data.data(), gv.data.data(), gl.data.data(),
+                                   ga.data.data(), s, {work.fixed.data(), work.bounds});
   gv.copy_back();
   gl.copy_back();
   ga.copy_back();
@@ -129,6 +152,15 @@ extern "C" int cuda_emu_selftest(int kind, int* out, char* err, int err_size) {
   });
 }
 
+// Self-test of the emulator's schedule: 2 blocks of 4 threads write their global thread number
+// into out[0..8) in the order they run (rt.reverse: 7, 6, ..., 0).
+extern "C" int cuda_emu_schedule_order(int* out, char* err, int err_size) {
+  return guarded(err, err_size, [&] {
+    int next = 0;
+    cuda_emu::launch(dim3{2, 1, 1}, dim3{4, 1, 1}, [&] { out[next++] = blockIdx.x * blockDim.x + threadIdx.x; });
+  });
+}
+
 // dtype code of the grad_value buffer the backward accumulates into, for a value of value_dtype.
 extern "C" int msda_emu_grad_value_dtype(int value_dtype) {
   int code = -1;
@@ -141,23 +173,36 @@ extern "C" int msda_emu_grad_value_dtype(int value_dtype) {
 }
 
 // sizes: (N, S, M, D, Lq, L, P).
-extern "C" int msda_emu_forward(int value_dtype, int loc_dtype, void* value, void* shapes, void* starts,
+// Kernel variants (ms_deform_attn_launch.cuh): the name of forward (stage 0) or backward (stage 1)
+// kernel `index`, or nullptr past the last.
+extern "C" const char* msda_emu_kernel_name(int stage, int index) {
+  using namespace dino_detr::msda;
+  if (index < 0) return nullptr;
+  if (stage == 0) return index < static_cast<int>(std::size(kForwardKernelNames)) ? kForwardKernelNames[index] : nullptr;
+  return index < static_cast<int>(std::size(kBackwardKernelNames)) ? kBackwardKernelNames[index] : nullptr;
+}
+
+// The emulator's schedule: 0 blocks and threads in order, 1 both reversed (another order of the
+// atomics, as another GPU run may have).
+extern "C" void cuda_emu_set_reverse(int reverse) { cuda_emu::rt.reverse = reverse != 0; }
+
+extern "C" int msda_emu_forward(int kernel, int value_dtype, int loc_dtype, void* value, void* shapes, void* starts,
                                 void* locations, void* weights, void* out, const int64_t* sizes, int64_t max_blocks,
                                 char* err, int err_size) {
   return guarded(err, err_size, [&] {
     dispatch(value_dtype, loc_dtype, [&](auto scalar, auto loc) {
-      forward<decltype(scalar), decltype(loc)>({value, shapes, starts, locations, weights}, out, sizes_of(sizes),
+      forward<decltype(scalar), decltype(loc)>({value, shapes, starts, locations, weights}, kernel, out, sizes_of(sizes),
                                                max_blocks);
     });
   });
 }
 
-extern "C" int msda_emu_backward(int value_dtype, int loc_dtype, void* grad_out, void* value, void* shapes,
+extern "C" int msda_emu_backward(int kernel, int value_dtype, int loc_dtype, void* grad_out, void* value, void* shapes,
                                  void* starts, void* locations, void* weights, void* grad_value, void* grad_loc,
                                  void* grad_attn, const int64_t* sizes, int64_t max_blocks, char* err, int err_size) {
   return guarded(err, err_size, [&] {
     dispatch(value_dtype, loc_dtype, [&](auto scalar, auto loc) {
-      backward<decltype(scalar), decltype(loc)>({value, shapes, starts, locations, weights}, grad_out, grad_value,
+      backward<decltype(scalar), decltype(loc)>({value, shapes, starts, locations, weights}, kernel, grad_out, grad_value,
                                                 grad_loc, grad_attn, sizes_of(sizes), max_blocks);
     });
   });
