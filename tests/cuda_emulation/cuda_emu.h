@@ -13,6 +13,8 @@
 //     is its schedule's: `rt.reverse` runs the blocks and the threads of each block in reverse
 //     order, another schedule a GPU may have (what proves a kernel's results independent of it).
 //   - MSDA_KERNEL_ASSERT failing aborts the launch with its message (a device-side assertion).
+//   - MSDA_CHECK_ALIGNED (the kernels' vector accesses) aborts the launch on an address that is not
+//     a multiple of the access size, as a GPU does ("misaligned address").
 // Errors surface as cuda_emu::Error thrown by launch(). Build with
 // -fsanitize=address,undefined to check the kernels' indexing and integer arithmetic too.
 #pragma once
@@ -315,6 +317,15 @@ inline void kernel_assert(bool ok, const char* message, const char* file, int li
   if (!ok) abort_launch(std::string(message) + " (device-side assertion at " + file + ":" + std::to_string(line) + ")");
 }
 
+// A vector access of `bytes` at p: aborts the launch unless p is a multiple of `bytes`.
+inline void check_aligned(const void* p, size_t bytes, const char* file, int line) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    abort_launch("misaligned address: " + std::to_string(bytes) + "-byte access at " +
+                 std::to_string(reinterpret_cast<uintptr_t>(p) % bytes) + " bytes past alignment (" + file + ":" +
+                 std::to_string(line) + ")");
+  }
+}
+
 // Runs body once per thread of a grid x block launch; throws Error on a violation.
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
@@ -394,3 +405,4 @@ inline T atomicAdd(T* address, U value) {
 }
 
 #define MSDA_KERNEL_ASSERT(cond, msg) cuda_emu::kernel_assert(static_cast<bool>(cond), msg, __FILE__, __LINE__)
+#define MSDA_CHECK_ALIGNED(pointer, bytes) cuda_emu::check_aligned(pointer, bytes, __FILE__, __LINE__)

@@ -30,12 +30,20 @@ struct EmuBackend {
   }
 };
 
+// Elements by which every buffer starts past its allocation (msda_emu_set_misalign: 1 moves each
+// tensor off the 16-byte alignment that the vectorized kernels' vector accesses need).
+int64_t misalign = 0;
+
 template <typename T>
 struct Buffer {
+  int64_t offset = misalign;
   std::vector<T> data;
   void* user;
-  Buffer(void* p, int64_t n) : data(static_cast<T*>(p), static_cast<T*>(p) + n), user(p) {}
-  void copy_back() const { std::copy(data.begin(), data.end(), static_cast<T*>(user)); }
+  Buffer(void* p, int64_t n) : data(offset + n), user(p) {
+    std::copy(static_cast<T*>(p), static_cast<T*>(p) + n, data.begin() + offset);
+  }
+  T* ptr() { return data.data() + offset; }
+  void copy_back() const { std::copy(data.begin() + offset, data.end(), static_cast<T*>(user)); }
 };
 
 struct Args {
@@ -50,20 +58,19 @@ void forward(const Args& a, int kernel, void* out, const MSDASizes& s, int64_t m
   Buffer<loc_t> locations(a.locations, 2 * samples), weights(a.weights, samples);
   Buffer<scalar_t> o(out, s.batch * s.queries * s.heads * s.channels);
   dino_detr::msda::launch_forward(EmuBackend{max_blocks}, static_cast<dino_detr::msda::ForwardKernel>(kernel),
-                                  value.data.data(), shapes.data.data(), starts.data.data(),
-                                  locations.data.data(), weights.data.data(), o.data.data(), s);
+                                  value.ptr(), shapes.ptr(), starts.ptr(),
+                                  locations.ptr(), weights.ptr(), o.ptr(), s);
   o.copy_back();
 }
 
 // grad_value is handed over in the accumulation type (float32 for the half types), as the .cu allocates it.
-// NaN-propagating max |x| over n elements (as at::amax of abs on the GPU).
+// max |x| over the finite elements (as the .cu computes the deterministic backward's bounds).
 template <typename T>
-double max_abs(const std::vector<T>& x) {
+double max_finite_abs(const std::vector<T>& x) {
   double m = 0;
   for (const T& v : x) {
     const double a = std::fabs(static_cast<double>(v));
-    if (!(a <= m)) m = a;
-    if (m != m) break;
+    if (std::isfinite(a)) m = std::max(m, a);
   }
   return m;
 }
@@ -85,11 +92,11 @@ void backward(const Args& a, int kernel, void* grad_out, void* grad_value, void*
   Buffer<loc_t> locations(a.locations, 2 * samples), weights(a.weights, samples);
   Buffer<grad_value_t> gv(grad_value, values);
   Buffer<loc_t> gl(grad_loc, 2 * samples), ga(grad_attn, samples);
-  Workspace work{std::vector<unsigned long long>(values), {max_abs(g.data), max_abs(weights.data)}};
+  Workspace work{std::vector<unsigned long long>(values), {max_finite_abs(g.data), max_finite_abs(weights.data)}};
   dino_detr::msda::launch_backward(EmuBackend{max_blocks}, static_cast<dino_detr::msda::BackwardKernel>(kernel),
-                                   g.data.data(), value.data.data(), shapes.data.data(), starts.data.data(),
-                                   locations.data.data(), weights.data.data(), gv.data.data(), gl.data.data(),
-                                   ga.data.data(), s, {work.fixed.data(), work.bounds});
+                                   g.ptr(), value.ptr(), shapes.ptr(), starts.ptr(),
+                                   locations.ptr(), weights.ptr(), gv.ptr(), gl.ptr(),
+                                   ga.ptr(), s, {work.fixed.data(), work.bounds});
   gv.copy_back();
   gl.copy_back();
   ga.copy_back();
@@ -126,7 +133,7 @@ int guarded(char* err, int err_size, const Fn& fn) {
 // Self-test of the emulator's warp rules on small kernels of one 64-thread block; `kind`:
 // 0 a correct xor reduction over each warp (writes the sum into *out), 1 a mask without the
 // calling lane, 2 a mask naming a lane that has exited, 3 lanes of one mask at different calls,
-// 4 a source lane outside the mask. Returns 0, or 1 with the emulator's error in err.
+// 4 a source lane outside the mask, 5 a misaligned 16-byte access. Returns 0, or 1 with the emulator's error in err.
 extern "C" int cuda_emu_selftest(int kind, int* out, char* err, int err_size) {
   return guarded(err, err_size, [&] {
     cuda_emu::launch(dim3{1, 1, 1}, dim3{64, 1, 1}, [&] {
@@ -146,7 +153,12 @@ extern "C" int cuda_emu_selftest(int kind, int* out, char* err, int err_size) {
           if (lane % 2) __shfl_xor_sync(0xffffffffu, x, 1);
           else __shfl_xor_sync(0xffffffffu, x, 1);
           break;
-        default: __shfl_sync(lane < 16 ? 0x0000ffffu : 0xffff0000u, x, 16); break;
+        case 4: __shfl_sync(lane < 16 ? 0x0000ffffu : 0xffff0000u, x, 16); break;
+        default: {
+          alignas(16) float row[8] = {};
+          MSDA_CHECK_ALIGNED(row + 4, 16);  // aligned: passes
+          MSDA_CHECK_ALIGNED(row + 1, 16);
+        }
       }
     });
   });
@@ -181,6 +193,8 @@ extern "C" const char* msda_emu_kernel_name(int stage, int index) {
   if (stage == 0) return index < static_cast<int>(std::size(kForwardKernelNames)) ? kForwardKernelNames[index] : nullptr;
   return index < static_cast<int>(std::size(kBackwardKernelNames)) ? kBackwardKernelNames[index] : nullptr;
 }
+
+extern "C" void msda_emu_set_misalign(int elements) { misalign = elements; }
 
 // The emulator's schedule: 0 blocks and threads in order, 1 both reversed (another order of the
 // atomics, as another GPU run may have).

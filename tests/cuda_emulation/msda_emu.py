@@ -44,9 +44,9 @@ def _kernel_names(lib, stage):
 class EmulatedCuda:
     """The CUDA kernels on the CPU. ``max_blocks`` > 0 caps the grid (grid-stride tails);
     ``kernel``: the variant; ``reverse``: blocks and threads run in reverse order (another order
-    of the atomics)."""
+    of the atomics); ``misalign``: every tensor starts that many elements past a 16-byte boundary."""
 
-    def __init__(self, path, max_blocks=0, kernel="baseline", reverse=False):
+    def __init__(self, path, max_blocks=0, kernel="baseline", reverse=False, misalign=0):
         self.lib = ctypes.CDLL(os.path.abspath(path))
         self.max_blocks = max_blocks
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -56,13 +56,14 @@ class EmulatedCuda:
         self.lib.msda_emu_kernel_name.argtypes = [i32, i32]
         self.lib.msda_emu_kernel_name.restype = ctypes.c_char_p
         self.lib.cuda_emu_set_reverse.argtypes = [i32]
+        self.lib.msda_emu_set_misalign.argtypes = [i32]
         self.lib.cuda_emu_schedule_order.argtypes = [p, ctypes.c_char_p, i32]
         self.kernel_names = (_kernel_names(self.lib, 0), _kernel_names(self.lib, 1))
         if not any(kernel in names for names in self.kernel_names):
             raise ValueError(f"unknown kernel {kernel!r}; variants: {self.kernel_names}")
         # (forward, backward) kernel indices: the named variant where a stage has it, else its baseline.
         self.kernels = tuple(names.index(kernel) if kernel in names else 0 for names in self.kernel_names)
-        self.reverse = reverse
+        self.reverse, self.misalign = reverse, misalign
         self.op = self._make_op()
 
     def schedule_order(self):
@@ -90,6 +91,7 @@ class EmulatedCuda:
     def _call(self, fn, stage, value, loc, *pointers):
         err = ctypes.create_string_buffer(2048)
         self.lib.cuda_emu_set_reverse(int(self.reverse))
+        self.lib.msda_emu_set_misalign(self.misalign)
         kernel = self.kernels[stage]
         rc = fn(kernel, DTYPE_CODES[value.dtype], DTYPE_CODES[loc.dtype], *pointers, self.max_blocks, err, len(err))
         if rc:
@@ -159,7 +161,7 @@ class EmulatedCuda:
         return Op.apply
 
 
-def load_emulation(max_blocks=0, kernel="baseline", reverse=False):
+def load_emulation(max_blocks=0, kernel="baseline", reverse=False, misalign=0):
     path = default_library()
     if not os.path.exists(path):
         message = f"the CUDA emulation library {path} is not built (make cuda-emulation)"
@@ -168,4 +170,4 @@ def load_emulation(max_blocks=0, kernel="baseline", reverse=False):
         import pytest
 
         pytest.skip(message)
-    return EmulatedCuda(path, max_blocks, kernel, reverse)
+    return EmulatedCuda(path, max_blocks, kernel, reverse, misalign)

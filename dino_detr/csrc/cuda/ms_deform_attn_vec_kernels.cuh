@@ -16,7 +16,8 @@
 //   FixedPointSink: the deterministic mode: integer atomics on round(x * 2^e) in int64, whose sum
 //                   is exact and so independent of the order of the additions; e is chosen per call
 //                   from a bound on every partial sum (the `bounds` the caller computes:
-//                   max |grad_output|, max |attention_weights|), see FixedPointSink.
+//                   max |grad_output|, max |attention_weights| over their finite elements), see
+//                   FixedPointSink.
 // The location and weight gradients are reduced across the group by a fixed shuffle tree and
 // written by its first lane, as in the baseline (deterministic in both sinks).
 #pragma once
@@ -30,6 +31,12 @@
 #define MSDA_MAY_ALIAS
 #else
 #define MSDA_MAY_ALIAS [[gnu::may_alias]]  // the host emulation reads T arrays through Pack
+#endif
+
+// A 16-byte access needs a 16-byte aligned address (a GPU stops the kernel with "misaligned
+// address" otherwise); the host emulation checks it here.
+#ifndef MSDA_CHECK_ALIGNED
+#define MSDA_CHECK_ALIGNED(pointer, bytes)
 #endif
 
 namespace dino_detr {
@@ -48,6 +55,7 @@ struct alignas(sizeof(T) * V) MSDA_MAY_ALIAS Pack {
 template <int V, typename acc_t, typename T>
 __device__ inline void load_slice(const T* p, int n, bool whole, acc_t (&x)[V]) {
   if (whole) {
+    MSDA_CHECK_ALIGNED(p, sizeof(Pack<T, V>));
     const Pack<T, V> pack = *reinterpret_cast<const Pack<T, V>*>(p);
 #pragma unroll
     for (int v = 0; v < V; ++v) x[v] = static_cast<acc_t>(pack.x[v]);
@@ -61,6 +69,7 @@ __device__ inline void load_slice(const T* p, int n, bool whole, acc_t (&x)[V]) 
 template <int V, typename acc_t, typename T>
 __device__ inline void store_slice(T* p, int n, bool whole, const acc_t (&x)[V]) {
   if (whole) {
+    MSDA_CHECK_ALIGNED(p, sizeof(Pack<T, V>));
     Pack<T, V> pack;
 #pragma unroll
     for (int v = 0; v < V; ++v) pack.x[v] = static_cast<T>(x[v]);
@@ -154,8 +163,8 @@ struct AtomicSink {
   }
 };
 
-// The exponent e of FixedPointSink for `count` contributions per element (0 when the bound is 0
-// or not finite).
+// The exponent e of FixedPointSink for `count` contributions per element (0 when the bound is 0,
+// i.e. every finite contribution is 0, or overflows a double).
 __host__ __device__ inline int fixed_point_exponent(const double* bounds, int64_t count) {
   const double bound = static_cast<double>(count) * bounds[0] * bounds[1];
   if (!(bound > 0 && bound <= 1.7976931348623157e308)) return 0;
@@ -176,13 +185,14 @@ __host__ __device__ inline int fixed_point_exponent(const double* bounds, int64_
 // so no sum overflows. Error: at most half a unit, 2^-(e+1) <= B * 2^-61, per contribution, so
 // |error| <= (Lq * P)^2 * max|g| * max|a| * 2^-61 per element, plus the final rounding to acc_t
 // (DINO's encoder, Lq * P = 2^17.4: 2^-26 * max|g| * max|a|, near float32's own rounding).
-// A contribution that does not fit (non-finite inputs) goes to the float buffer by a float atomic:
-// a sum containing NaN or infinities is NaN or the infinity whatever the order.
+// A contribution that does not fit (from non-finite inputs, which the bounds leave out) goes to the
+// float buffer by a float atomic: a sum containing NaN or infinities is NaN or the infinity
+// whatever the order.
 template <typename acc_t>
 struct FixedPointSink {
   unsigned long long* fixed;  // two's-complement int64 sums (unsigned: wrap-around is defined)
   acc_t* overflow;            // the grad_value buffer: non-finite contributions
-  const double* bounds;       // {max |grad_output|, max |attention_weights|}
+  const double* bounds;       // {max |grad_output|, max |attention_weights|}, finite elements only
   int exponent = 0;
 
   __device__ void prepare(const Dims& s) { exponent = fixed_point_exponent(bounds, s.queries * s.points); }
