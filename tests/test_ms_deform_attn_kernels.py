@@ -126,3 +126,28 @@ def test_cpu_kernels_are_deterministic(threads):
         torch.set_num_threads(previous)
     for a, b, c in zip(reference, again, other):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_select_kernel_keys_and_skips(monkeypatch):
+    """select_kernel keys a choice by GPU name, dtypes and shape bucket, and leaves the choice
+    alone for the backward under deterministic algorithms (the op runs its deterministic kernel)."""
+    from dino_detr.layers import ms_deform_attn_kernels as kernels
+
+    calls = []
+
+    class Recorder:
+        def select(self, stage, key, run):
+            calls.append((stage, key, torch.is_grad_enabled()))
+
+    monkeypatch.setattr(kernels, "_selector", lambda: Recorder())
+    monkeypatch.setattr(kernels, "_device_name", lambda index: "Fake GPU")
+    value, loc = torch.empty(2, 1000, 8, 32, dtype=torch.float16), torch.empty(2, 300, 8, 4, 4, 2)
+    kernels.select_kernel("forward", value, loc, lambda: None)
+    assert calls == [("forward", ("Fake GPU", "torch.float16", "torch.float32", 1024, 1024, 8, 32, 4, 4), False)]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        kernels.select_kernel("backward", value, loc, lambda: None)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert len(calls) == 1

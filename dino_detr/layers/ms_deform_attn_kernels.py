@@ -153,7 +153,7 @@ def select_kernel(stage: str, value: torch.Tensor, sampling_locations: torch.Ten
     the candidates with ``run``, under no_grad, on the first call of its bucket). Does nothing
     while tracing, while a CUDA graph is captured, or without a CUDA build; the backward does not
     select under deterministic algorithms (the op runs its deterministic kernel)."""
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+    if torch.compiler.is_compiling() or (value.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     if stage == "backward" and torch.are_deterministic_algorithms_enabled():
         return
