@@ -229,8 +229,9 @@ def test_deterministic_backward_is_bitwise_identical_under_any_schedule(cuda_emu
     deterministic = runs("deterministic")
     for r in deterministic[1:]:
         assert all(torch.equal(a, b) for a, b in zip(r, deterministic[0]))
+    rtol = 2.0**-7 if dtype == torch.bfloat16 else 1e-5  # one bfloat16 rounding of grad_value apart
     for got, want in zip(deterministic[0], baseline[0]):
-        torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-5)
 
 
 def test_deterministic_backward_error_bound(cuda_emulation):
