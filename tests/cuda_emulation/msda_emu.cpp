@@ -1,8 +1,8 @@
 // The CUDA kernels and launch code of dino_detr/csrc/cuda/ (ms_deform_attn_launch.cuh and the kernel
-// variants it launches), compiled for the host behind cuda_emu.h, with a C interface for ctypes (msda_emu.py). Each call copies its
-// inputs and outputs into buffers of exactly their size, so AddressSanitizer's redzones sit right
-// after every tensor, and the output buffers start as the caller filled them (e.g. NaN, to prove
-// that the forward writes every element).
+// variants it launches), compiled for the host behind cuda_emu.h, with a C interface for ctypes
+// (msda_emu.py). Each call copies its inputs and outputs into buffers of exactly their size, so
+// AddressSanitizer's redzones sit right after every tensor, and the output buffers start as the
+// caller filled them (e.g. NaN, to prove that the forward writes every element).
 #include <ATen/OpMathType.h>  // before cuda_emu.h: c10's headers see a plain host build
 
 #include <algorithm>
@@ -82,8 +82,8 @@ struct Workspace {
 };
 
 template <typename scalar_t, typename loc_t>
-void backward(const Args& a, int kernel, void* grad_out, void* grad_value, void* grad_loc, void* grad_attn, const MSDASizes& s,
-              int64_t max_blocks) {
+void backward(const Args& a, int kernel, void* grad_out, void* grad_value, void* grad_loc, void* grad_attn,
+              const MSDASizes& s, int64_t max_blocks) {
   using grad_value_t = dino_detr::msda::grad_value_acc_t<scalar_t>;
   const int64_t samples = s.batch * s.queries * s.heads * s.levels * s.points;
   const int64_t values = s.batch * s.spatial * s.heads * s.channels;
@@ -190,7 +190,9 @@ extern "C" int msda_emu_grad_value_dtype(int value_dtype) {
 extern "C" const char* msda_emu_kernel_name(int stage, int index) {
   using namespace dino_detr::msda;
   if (index < 0) return nullptr;
-  if (stage == 0) return index < static_cast<int>(std::size(kForwardKernelNames)) ? kForwardKernelNames[index] : nullptr;
+  if (stage == 0) {
+    return index < static_cast<int>(std::size(kForwardKernelNames)) ? kForwardKernelNames[index] : nullptr;
+  }
   return index < static_cast<int>(std::size(kBackwardKernelNames)) ? kBackwardKernelNames[index] : nullptr;
 }
 
@@ -205,8 +207,8 @@ extern "C" int msda_emu_forward(int kernel, int value_dtype, int loc_dtype, void
                                 char* err, int err_size) {
   return guarded(err, err_size, [&] {
     dispatch(value_dtype, loc_dtype, [&](auto scalar, auto loc) {
-      forward<decltype(scalar), decltype(loc)>({value, shapes, starts, locations, weights}, kernel, out, sizes_of(sizes),
-                                               max_blocks);
+      forward<decltype(scalar), decltype(loc)>({value, shapes, starts, locations, weights}, kernel, out,
+                                               sizes_of(sizes), max_blocks);
     });
   });
 }
@@ -216,8 +218,8 @@ extern "C" int msda_emu_backward(int kernel, int value_dtype, int loc_dtype, voi
                                  void* grad_attn, const int64_t* sizes, int64_t max_blocks, char* err, int err_size) {
   return guarded(err, err_size, [&] {
     dispatch(value_dtype, loc_dtype, [&](auto scalar, auto loc) {
-      backward<decltype(scalar), decltype(loc)>({value, shapes, starts, locations, weights}, kernel, grad_out, grad_value,
-                                                grad_loc, grad_attn, sizes_of(sizes), max_blocks);
+      backward<decltype(scalar), decltype(loc)>({value, shapes, starts, locations, weights}, kernel, grad_out,
+                                                grad_value, grad_loc, grad_attn, sizes_of(sizes), max_blocks);
     });
   });
 }

@@ -41,18 +41,17 @@ struct CudaBackend {
 
 std::atomic<int> forward_kernel{0}, backward_kernel{0};  // indices into kForward/BackwardKernelNames
 
-std::vector<std::string> stage_kernel_names(const std::string& stage) {
+// The kernel names of a stage, in the order of msda::ForwardKernel / BackwardKernel.
+std::vector<std::string> ms_deform_attn_kernel_names(const std::string& stage) {
   TORCH_CHECK_VALUE(stage == "forward" || stage == "backward",
                     "ms_deform_attn: the stage must be 'forward' or 'backward', got '", stage, "'");
   if (stage == "forward") return {std::begin(msda::kForwardKernelNames), std::end(msda::kForwardKernelNames)};
   return {std::begin(msda::kBackwardKernelNames), std::end(msda::kBackwardKernelNames)};
 }
 
-std::vector<std::string> ms_deform_attn_kernel_names(const std::string& stage) { return stage_kernel_names(stage); }
-
 // Sets the stage's kernel by name; returns the previous one.
 std::string ms_deform_attn_use_kernel(const std::string& stage, const std::string& name) {
-  const std::vector<std::string> names = stage_kernel_names(stage);
+  const std::vector<std::string> names = ms_deform_attn_kernel_names(stage);
   const auto it = std::find(names.begin(), names.end(), name);
   TORCH_CHECK_VALUE(it != names.end(), "ms_deform_attn: no ", stage, " kernel '", name, "'; the ", stage,
                     " kernels are ", c10::Join(", ", names));
@@ -90,7 +89,8 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
   dispatch_types(value, sampling_locations, [&](auto scalar, auto loc) {
     using scalar_t = decltype(scalar);
     using loc_t = decltype(loc);
-    msda::launch_forward(backend, static_cast<msda::ForwardKernel>(forward_kernel.load()), value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+    msda::launch_forward(backend, static_cast<msda::ForwardKernel>(forward_kernel.load()),
+                         value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
                          level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<loc_t>(),
                          attention_weights.data_ptr<loc_t>(), out.data_ptr<scalar_t>(), sizes);
   });
@@ -113,8 +113,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   at::Tensor fixed, bounds;
   msda::DeterministicWorkspace workspace;
   if (kernel == msda::BackwardKernel::deterministic && grad_output.numel() > 0 && attention_weights.numel() > 0) {
+    // FixedPointSink's workspace: int64 sums (value's size) and the bounds of its scale.
     fixed = at::zeros(value.sizes(), value.options().dtype(at::kLong));
-    const auto max_finite_abs = [](const at::Tensor& t) { return at::nan_to_num(t, 0, 0, 0).abs().amax().to(at::kDouble); };
+    const auto max_finite_abs = [](const at::Tensor& t) {
+      return at::nan_to_num(t, 0, 0, 0).abs().amax().to(at::kDouble);
+    };
     bounds = at::stack({max_finite_abs(grad_output), max_finite_abs(attention_weights)});
     workspace = {reinterpret_cast<unsigned long long*>(fixed.data_ptr<int64_t>()), bounds.data_ptr<double>()};
   }
