@@ -28,6 +28,7 @@ today's torch applied to a temporary copy; see ``peer_sources``), never part of 
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -84,10 +85,20 @@ def load_peer(src: str):
     from torch.utils.cpp_extension import load
 
     work = tempfile.mkdtemp(prefix="msda_peer_")
+    # ATen/cuda/CUDAContext.h (which the peer includes) needs the CUDA library headers, e.g.
+    # cusparse.h: from the toolkit, or from the nvidia-* wheels that came with torch.
+    try:
+        import nvidia
+
+        wheel_includes = sorted(
+            inc for path in nvidia.__path__ for inc in glob.glob(os.path.join(path, "*", "include"))
+        )
+    except ImportError:
+        wheel_includes = []
     module = load(
         "deformable_detr_msda_peer",
         peer_sources(src, work),
-        extra_include_paths=[os.path.join(work, "src")],
+        extra_include_paths=[os.path.join(work, "src"), *wheel_includes],
         extra_cflags=["-DWITH_CUDA"],
         extra_cuda_cflags=["-DWITH_CUDA", "-DCUDA_HAS_FP16=1"],
         verbose=False,
