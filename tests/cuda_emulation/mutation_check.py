@@ -8,7 +8,7 @@ the emulated backend of test_ms_deform_attn_cuda.py) run against it until the fi
 mutant is caught when the suite fails (or crashes, or hangs past --timeout). Prints one line per
 mutant and "caught X of Y"; exits 1 when a mutant survives. Needs no GPU; about 15 minutes on 2 cores.
 
-    python tests/cuda_emulation/mutation_check.py [--only NAME] [--timeout 600]
+    python tests/cuda_emulation/mutation_check.py [--only NAME ...] [--timeout 600]
 """
 
 import argparse
@@ -112,9 +112,15 @@ def run_mutant(name, edit, work, timeout):
         f.write(code.replace(text, replacement))
     library = os.path.join(csrc, "libmsda_emu.so")
     env = dict(os.environ, MSDA_CSRC=csrc, PYTHON=sys.executable)
-    subprocess.run(
-        [os.path.join(ROOT, "tests", "cuda_emulation", "build.sh"), library, "base"], env=env, check=True, cwd=ROOT
+    build = subprocess.run(
+        [os.path.join(ROOT, "tests", "cuda_emulation", "build.sh"), library, "base"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
+    if build.returncode != 0:  # a mutant must compile to say anything about the tests
+        return False, "does not compile (update this script with the kernels): " + build.stderr[-300:]
     env = dict(os.environ, DINO_DETR_CUDA_EMU=library, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     command = [
         sys.executable,
@@ -142,10 +148,10 @@ def run_mutant(name, edit, work, timeout):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=sorted(MUTANTS), help="run one mutant")
+    parser.add_argument("--only", nargs="+", choices=sorted(MUTANTS), metavar="NAME", help="run these mutants")
     parser.add_argument("--timeout", type=int, default=600, help="seconds before a mutant's test run counts as hung")
     args = parser.parse_args()
-    names = [args.only] if args.only else list(MUTANTS)
+    names = args.only or list(MUTANTS)
     caught = 0
     with tempfile.TemporaryDirectory(prefix="msda_mutants_") as work:
         for name in names:

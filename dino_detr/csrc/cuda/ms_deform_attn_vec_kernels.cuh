@@ -135,17 +135,17 @@ __global__ void forward_vec_kernel(const scalar_t* __restrict__ value, const int
   }
 }
 
-// grad_value += x by float atomics.
-template <typename acc_t>
+// grad_value += x by atomics (value_t: the grad_value buffer's type; x in the kernel's acc_t).
+template <typename value_t>
 struct AtomicSink {
-  acc_t* grad_value;
+  value_t* grad_value;
 
   __device__ void prepare(const Dims&) {}
 
-  template <int V>
+  template <int V, typename acc_t>
   __device__ void add(int64_t index, const acc_t (&x)[V], int width, bool whole) const {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (std::is_same_v<acc_t, float> && V % 4 == 0) {
+    if constexpr (std::is_same_v<value_t, float> && std::is_same_v<acc_t, float> && V % 4 == 0) {
       if (whole) {  // sm_90's 4-wide float atomics (global memory, 16-byte aligned)
 #pragma unroll
         for (int k = 0; k < V; k += 4) {
@@ -188,16 +188,16 @@ __host__ __device__ inline int fixed_point_exponent(const double* bounds, int64_
 // A contribution that does not fit (from non-finite inputs, which the bounds leave out) goes to the
 // float buffer by a float atomic: a sum containing NaN or infinities is NaN or the infinity
 // whatever the order.
-template <typename acc_t>
+template <typename value_t>
 struct FixedPointSink {
   unsigned long long* fixed;  // two's-complement int64 sums (unsigned: wrap-around is defined)
-  acc_t* overflow;            // the grad_value buffer: non-finite contributions
+  value_t* overflow;          // the grad_value buffer: non-finite contributions
   const double* bounds;       // {max |grad_output|, max |attention_weights|}, finite elements only
   int exponent = 0;
 
   __device__ void prepare(const Dims& s) { exponent = fixed_point_exponent(bounds, s.queries * s.points); }
 
-  template <int V>
+  template <int V, typename acc_t>
   __device__ void add(int64_t index, const acc_t (&x)[V], int width, bool) const {
     constexpr acc_t limit = acc_t(4611686018427387904.0);  // 2^62
 #pragma unroll
@@ -232,14 +232,17 @@ struct FixedPointSink {
 };
 
 // grad_value[i] += fixed[i] * 2^-e (after the backward kernel).
-template <typename acc_t>
-__global__ void fixed_point_finish_kernel(const unsigned long long* __restrict__ fixed, acc_t* __restrict__ grad_value,
-                                          int64_t numel, const double* __restrict__ bounds, int64_t count) {
+template <typename value_t>
+__global__ void fixed_point_finish_kernel(const unsigned long long* __restrict__ fixed,
+                                          value_t* __restrict__ grad_value, int64_t numel,
+                                          const double* __restrict__ bounds, int64_t count) {
+  using real_t = at::opmath_type<value_t>;
   const int e = fixed_point_exponent(bounds, count);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t sum = static_cast<acc_t>(static_cast<long long>(fixed[i]));
-    grad_value[i] += FixedPointSink<acc_t>::ldexp_of(sum, -e);
+    const real_t sum = static_cast<real_t>(static_cast<long long>(fixed[i]));
+    grad_value[i] = static_cast<value_t>(static_cast<real_t>(grad_value[i]) +
+                                         FixedPointSink<value_t>::ldexp_of(sum, -e));
   }
 }
 
