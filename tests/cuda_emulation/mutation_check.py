@@ -6,7 +6,7 @@ For every mutant, a copy of dino_detr/csrc gets one edit, the host emulation is 
 (tests/cuda_emulation/build.sh) and the emulated tests (test_ms_deform_attn_cuda_emulation.py, then
 the emulated backend of test_ms_deform_attn_cuda.py) run against it until the first failure. A
 mutant is caught when the suite fails (or crashes, or hangs past --timeout). Prints one line per
-mutant and "caught X of Y"; exits 1 when a mutant survives. Needs no GPU; about 15 minutes on 2 cores.
+mutant and "caught X of Y"; exits 1 when a mutant survives. Needs no GPU; 1-2 minutes per mutant on 2 cores.
 
     python tests/cuda_emulation/mutation_check.py [--only NAME ...] [--timeout 600]
 """
