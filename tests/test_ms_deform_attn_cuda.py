@@ -1,14 +1,17 @@
 """CUDA kernels of multi-scale deformable attention, with the same assertions on two backends:
 ``gpu`` (the built op on a GPU; skipped without one) and ``emulated`` (the very kernels and launch
-code of dino_detr/csrc/cuda/ms_deform_attn_kernels.cuh compiled for the host by tests/cuda_emulation,
-run on the CPU; what CI runs). Reference agreement, gradients, fp16/bf16 against fp32, CPU/CUDA
-agreement, odd batch sizes."""
+code of dino_detr/csrc/cuda/ms_deform_attn_launch.cuh compiled for the host by tests/cuda_emulation,
+run on the CPU; what CI runs), each for every kernel variant (baseline, vectorized, deterministic:
+forced by DINO_DETR_MSDA_KERNEL on the GPU). Reference agreement, gradients, fp16/bf16 against fp32,
+CPU/CUDA agreement, odd batch sizes, determinism."""
 
 import pytest
 import torch
 
 from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference, native_extension_available
+from dino_detr.layers.ms_deform_attn_kernels import ENV_KERNEL
 
+from cuda_emulation.msda_emu import KERNELS
 from msda_inputs import float32_tolerances, make_inputs, random_case
 
 
@@ -22,13 +25,19 @@ class Backend:
         return tuple(t.to(self.device) for t in inputs)
 
 
-@pytest.fixture(params=["gpu", "emulated"])
-def cuda(request, cuda_emulation):
-    if request.param == "gpu":
-        if not (torch.cuda.is_available() and native_extension_available()):
-            pytest.skip("needs a GPU and dino_detr._C")
+def _needs_gpu():
+    if not (torch.cuda.is_available() and native_extension_available()):
+        pytest.skip("needs a GPU and dino_detr._C")
+
+
+@pytest.fixture(params=[(b, k) for b in ("gpu", "emulated") for k in KERNELS], ids="-".join)
+def cuda(request, cuda_emulation, monkeypatch):
+    backend, kernel = request.param
+    if backend == "gpu":
+        _needs_gpu()
+        monkeypatch.setenv(ENV_KERNEL, kernel)
         return Backend(ms_deform_attn, "cuda")
-    return Backend(cuda_emulation().op, "cpu")
+    return Backend(cuda_emulation(kernel=kernel).op, "cpu")
 
 
 def _grads(fn, inputs, grad_out):
@@ -100,8 +109,36 @@ def test_half_precision_against_float32(cuda, dtype, tol, loc_dtype):
 
 
 def test_cuda_rejects_mixed_devices():
-    if not (torch.cuda.is_available() and native_extension_available()):
-        pytest.skip("needs a GPU and dino_detr._C")
+    _needs_gpu()
     value, shapes, starts, loc, weights = make_inputs(1, [[3, 4]], 2, 4, 5, 2, dtype=torch.float32, device="cuda")
     with pytest.raises(ValueError, match="one device"):
         ms_deform_attn(value, shapes.cpu(), starts, loc, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backward_is_deterministic_under_deterministic_algorithms(dtype):
+    """torch.use_deterministic_algorithms(True): the backward runs its deterministic kernel
+    (whatever DINO_DETR_MSDA_KERNEL says), bitwise identical run to run, and close to the default."""
+    _needs_gpu()
+    inputs = make_inputs(2, [[40, 60], [20, 30], [10, 15], [5, 8]], 8, 32, 2000, 4, dtype=torch.float32, device="cuda")
+    inputs = tuple(t.to(dtype) if i == 0 else t for i, t in enumerate(inputs))
+    grad_out = torch.randn(2, 2000, 256, device="cuda").to(dtype)
+    default = _grads(ms_deform_attn, inputs, grad_out)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_grads(ms_deform_attn, inputs, grad_out) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+    for got, want in zip(runs[0], default):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-3 * want.abs().max().item())
+
+
+def test_gpu_bad_kernel_name_is_a_clear_error(monkeypatch):
+    _needs_gpu()
+    monkeypatch.setenv(ENV_KERNEL, "fastest")
+    inputs = make_inputs(1, [[3, 4]], 2, 4, 5, 2, dtype=torch.float32, device="cuda")
+    with pytest.raises(ValueError, match="baseline, deterministic, vectorized"):
+        ms_deform_attn(*inputs)

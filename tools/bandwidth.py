@@ -1,6 +1,11 @@
-"""Memory-bandwidth floor of multi-scale deformable attention: the bytes the op must read and
-write at least once, over the device's measured copy bandwidth. A kernel at the floor is
-limited by memory traffic alone; the ratio ``measured / floor`` is how far it is from that."""
+"""Memory-bandwidth floors of multi-scale deformable attention.
+
+DRAM floor: the bytes the op must read and write at least once, over the device's measured copy
+bandwidth. L2 floor: the bytes its bilinear corners pull through the caches (4 rows of D channels
+per sample, :func:`gathered_bytes`), over the measured bandwidth of a random row gather from an
+L2-resident table (:func:`gather_bandwidth`). At DINO's encoder shape ``value`` fits in an H100's
+L2 and the gathers move ~18x the compulsory bytes, so the L2 floor is the one a kernel can near.
+A kernel at a floor is limited by that traffic alone; ``measured / floor`` is how far it is."""
 
 import statistics
 import time
@@ -8,7 +13,14 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ms_deform_attn_bytes", "value_rows_read", "median_seconds", "copy_bandwidth"]
+__all__ = [
+    "ms_deform_attn_bytes",
+    "value_rows_read",
+    "median_seconds",
+    "copy_bandwidth",
+    "gathered_bytes",
+    "gather_bandwidth",
+]
 
 
 def ms_deform_attn_bytes(
@@ -97,3 +109,40 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 20)
     target = torch.empty_like(source)
     seconds = median_seconds(lambda: target.copy_(source), device, repeats, warmup=2)
     return 2 * nbytes / seconds
+
+
+def gathered_bytes(
+    batch: int, queries: int, heads: int, channels: int, levels: int, points: int, value_bytes: int, backward: bool
+) -> int:
+    """Bytes the bilinear corners move through L1/L2: each sample reads 4 corner rows of D
+    channels (forward); the backward reads them again and adds to the same rows of grad_value
+    (an atomic read-modify-write in L2 per corner: counted once more), so forward+backward is 3x."""
+    forward = batch * queries * heads * levels * points * 4 * channels * value_bytes
+    return forward * (3 if backward else 1)
+
+
+def gather_bandwidth(
+    device: torch.device,
+    row_bytes: int,
+    table_bytes: int = 32 * 2**20,
+    rows: int = 2**22,
+    bag: int = 16,
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 20,
+) -> float:
+    """Bytes per second of a strided gather: ``rows`` random rows of ``row_bytes`` from a table of
+    ``table_bytes`` (kept in a GPU's L2 when it fits: 32 MiB of an H100's 50 MB), summed ``bag`` at
+    a time with per-row weights (``embedding_bag``: MSDA's own pattern, 4 corners x points x levels
+    weighted and summed per output row). Counts the rows read (the output is 1/bag of it)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    width = max(row_bytes // element, 1)
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(max(table_bytes // (width * element), 1), width, generator=g).to(device, dtype)
+    index = torch.randint(0, table.shape[0], (rows // bag, bag), generator=g).to(device)
+    weights = torch.rand(index.shape, generator=g).to(device, dtype)
+
+    def gather():
+        return torch.nn.functional.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+
+    seconds = median_seconds(gather, device, repeats, warmup=2)
+    return index.numel() * width * element / seconds

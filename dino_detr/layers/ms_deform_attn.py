@@ -11,6 +11,9 @@ and the level layout in the kernels): a ``ValueError`` for a bad shape, device o
 ``TypeError`` for a bad dtype. Python repeats them only where no C++ runs: in the fake kernel
 (at trace time) and before the reference fallback.
 
+On the GPU, each call runs the kernel variant chosen by measurement for its shape
+(``ms_deform_attn_kernels.py``; ``DINO_DETR_MSDA_KERNEL`` forces one).
+
 When the extension ``dino_detr._C`` is not built, the op falls back to the
 pure-PyTorch reference (``grid_sample``) and says so once.
 """
@@ -22,6 +25,7 @@ from typing import Iterator
 import torch
 
 from .cuda_arch import check_kernel_image
+from .ms_deform_attn_kernels import select_kernel
 from .ms_deform_attn_reference import ms_deform_attn_reference
 
 __all__ = ["ms_deform_attn", "native_extension_available", "use_reference_implementation"]
@@ -205,6 +209,8 @@ def ms_deform_attn(
     args = tuple(t.contiguous() for t in inputs)
     if _NATIVE_IMPORT_ERROR is None and not _force_reference:
         check_kernel_image(value.device)  # one clear error when the build has no image for this GPU
+        if value.is_cuda:
+            select_kernel("forward", args[0], args[3], lambda: torch.ops.dino_detr.ms_deform_attn(*args))
         return torch.ops.dino_detr.ms_deform_attn(*args)  # checks its inputs (C++, or the fake kernel)
     _check_metadata(*args)
     if not torch.compiler.is_compiling():
@@ -235,9 +241,12 @@ if _NATIVE_IMPORT_ERROR is None:
         ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
     def _backward(ctx, grad_output):
-        grad_value, grad_locations, grad_weights = torch.ops.dino_detr.ms_deform_attn_backward(
-            grad_output.contiguous(), *ctx.saved_tensors
-        )
+        inputs = (grad_output.contiguous(), *ctx.saved_tensors)
+        if inputs[1].is_cuda:
+            select_kernel(
+                "backward", inputs[1], inputs[4], lambda: torch.ops.dino_detr.ms_deform_attn_backward(*inputs)
+            )
+        grad_value, grad_locations, grad_weights = torch.ops.dino_detr.ms_deform_attn_backward(*inputs)
         return grad_value, None, None, grad_locations, grad_weights
 
     torch.library.register_autograd("dino_detr::ms_deform_attn", _backward, setup_context=_setup_context)

@@ -9,8 +9,12 @@
 //     (source site, mask, mode and width); a mask that omits the caller or names a lane outside
 //     the block, a named lane that has exited or waits at another call, and a source lane outside
 //     the mask are reported.
-//   - atomicAdd is a plain add (one OS thread runs all fibers).
+//   - atomicAdd is a plain add (one OS thread runs all fibers), so the order of a launch's atomics
+//     is its schedule's: `rt.reverse` runs the blocks and the threads of each block in reverse
+//     order, another schedule a GPU may have (what proves a kernel's results independent of it).
 //   - MSDA_KERNEL_ASSERT failing aborts the launch with its message (a device-side assertion).
+//   - MSDA_CHECK_ALIGNED (the kernels' vector accesses) aborts the launch on an address that is not
+//     a multiple of the access size, as a GPU does ("misaligned address").
 // Errors surface as cuda_emu::Error thrown by launch(). Build with
 // -fsanitize=address,undefined to check the kernels' indexing and integer arithmetic too.
 #pragma once
@@ -81,6 +85,7 @@ struct Runtime {
   ucontext_t scheduler_context;
   const std::function<void()>* body = nullptr;
   std::string error;  // set by a fiber (device-side assertion), thrown by the scheduler
+  bool reverse = false;  // blocks and threads in reverse order
 #ifdef CUDA_EMU_ASAN
   void* fake_stack = nullptr;  // the scheduler's, while a fiber runs
   const void* scheduler_stack_bottom = nullptr;
@@ -312,6 +317,15 @@ inline void kernel_assert(bool ok, const char* message, const char* file, int li
   if (!ok) abort_launch(std::string(message) + " (device-side assertion at " + file + ":" + std::to_string(line) + ")");
 }
 
+// A vector access of `bytes` at p: aborts the launch unless p is a multiple of `bytes`.
+inline void check_aligned(const void* p, size_t bytes, const char* file, int line) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    abort_launch("misaligned address: " + std::to_string(bytes) + "-byte access at " +
+                 std::to_string(reinterpret_cast<uintptr_t>(p) % bytes) + " bytes past alignment (" + file + ":" +
+                 std::to_string(line) + ")");
+  }
+}
+
 // Runs body once per thread of a grid x block launch; throws Error on a violation.
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
@@ -332,11 +346,12 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   try {
     for (unsigned bz = 0; bz < grid.z; ++bz) {
       for (unsigned by = 0; by < grid.y; ++by) {
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          rt.block_idx = {bx, by, bz};
+        for (unsigned i = 0; i < grid.x; ++i) {
+          rt.block_idx = {rt.reverse ? grid.x - 1 - i : i, by, bz};
           for (Fiber& f : rt.fibers) f.state = State::ready;
           for (int done = 0; done < threads;) {
-            for (int t = 0; t < threads; ++t) {
+            for (int i_t = 0; i_t < threads; ++i_t) {
+              const int t = rt.reverse ? threads - 1 - i_t : i_t;
               if (rt.fibers[t].state == State::ready) run_fiber(t);
               if (!rt.error.empty()) fail(rt.error);
             }
@@ -390,3 +405,4 @@ inline T atomicAdd(T* address, U value) {
 }
 
 #define MSDA_KERNEL_ASSERT(cond, msg) cuda_emu::kernel_assert(static_cast<bool>(cond), msg, __FILE__, __LINE__)
+#define MSDA_CHECK_ALIGNED(pointer, bytes) cuda_emu::check_aligned(pointer, bytes, __FILE__, __LINE__)

@@ -1,9 +1,10 @@
 """ctypes front of the host-emulated MSDA CUDA kernels (``msda_emu.cpp`` built by ``build.sh``).
 
-``EmulatedCuda(path)`` runs the kernels and launch code of
-``dino_detr/csrc/cuda/ms_deform_attn_kernels.cuh`` on CPU tensors: ``forward`` and ``backward``
+``EmulatedCuda(path, kernel=...)`` runs the kernels and launch code of
+``dino_detr/csrc/cuda/ms_deform_attn_launch.cuh`` on CPU tensors: ``forward`` and ``backward``
 as the CUDA operators call them, and ``op``, a differentiable function with the signature of
-``dino_detr.layers.ms_deform_attn`` (what the CUDA tests call).
+``dino_detr.layers.ms_deform_attn`` (what the CUDA tests call). ``kernel`` names a variant:
+each stage runs it when it has one of that name, else its baseline (as ``DINO_DETR_MSDA_KERNEL``).
 """
 
 import ctypes
@@ -11,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["EmulatedCuda", "default_library", "load_emulation", "DTYPE_CODES"]
+__all__ = ["EmulatedCuda", "default_library", "load_emulation", "DTYPE_CODES", "KERNELS"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,17 +28,52 @@ def _sizes(value, loc, shapes):
     return torch.tensor([n, s, m, d, loc.shape[1], shapes.shape[0], loc.shape[4]], dtype=torch.int64)
 
 
-class EmulatedCuda:
-    """The CUDA kernels on the CPU. ``max_blocks`` > 0 caps the grid (grid-stride tails)."""
+# Variants of the launch code, every stage's name (forward and backward variants; see
+# ms_deform_attn_launch.cuh): what the emulated tests run, each in turn.
+KERNELS = ("baseline", "vectorized", "deterministic")
 
-    def __init__(self, path, max_blocks=0):
+
+def _kernel_names(lib, stage):
+    names, i = [], 0
+    while (name := lib.msda_emu_kernel_name(stage, i)) is not None:
+        names.append(name.decode())
+        i += 1
+    return names
+
+
+class EmulatedCuda:
+    """The CUDA kernels on the CPU. ``max_blocks`` > 0 caps the grid (grid-stride tails);
+    ``kernel``: the variant; ``reverse``: blocks and threads run in reverse order (another order
+    of the atomics); ``misalign``: every tensor starts that many elements past a 16-byte boundary."""
+
+    def __init__(self, path, max_blocks=0, kernel="baseline", reverse=False, misalign=0):
         self.lib = ctypes.CDLL(os.path.abspath(path))
         self.max_blocks = max_blocks
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self.lib.msda_emu_forward.argtypes = [i32, i32] + [p] * 7 + [i64, ctypes.c_char_p, i32]
-        self.lib.msda_emu_backward.argtypes = [i32, i32] + [p] * 10 + [i64, ctypes.c_char_p, i32]
+        self.lib.msda_emu_forward.argtypes = [i32, i32, i32] + [p] * 7 + [i64, ctypes.c_char_p, i32]
+        self.lib.msda_emu_backward.argtypes = [i32, i32, i32] + [p] * 10 + [i64, ctypes.c_char_p, i32]
         self.lib.msda_emu_grad_value_dtype.argtypes = [i32]
+        self.lib.msda_emu_kernel_name.argtypes = [i32, i32]
+        self.lib.msda_emu_kernel_name.restype = ctypes.c_char_p
+        self.lib.cuda_emu_set_reverse.argtypes = [i32]
+        self.lib.msda_emu_set_misalign.argtypes = [i32]
+        self.lib.cuda_emu_schedule_order.argtypes = [p, ctypes.c_char_p, i32]
+        self.kernel_names = (_kernel_names(self.lib, 0), _kernel_names(self.lib, 1))
+        if not any(kernel in names for names in self.kernel_names):
+            raise ValueError(f"unknown kernel {kernel!r}; variants: {self.kernel_names}")
+        # (forward, backward) kernel indices: the named variant where a stage has it, else its baseline.
+        self.kernels = tuple(names.index(kernel) if kernel in names else 0 for names in self.kernel_names)
+        self.reverse, self.misalign = reverse, misalign
         self.op = self._make_op()
+
+    def schedule_order(self):
+        """The emulator's schedule self-test (msda_emu.cpp): global thread numbers in the order they ran."""
+        out = (ctypes.c_int * 8)()
+        err = ctypes.create_string_buffer(2048)
+        self.lib.cuda_emu_set_reverse(int(self.reverse))
+        if self.lib.cuda_emu_schedule_order(out, err, len(err)):
+            raise RuntimeError(err.value.decode())
+        return list(out)
 
     def selftest(self, kind):
         """Runs the emulator's warp-rule self-test ``kind`` (see msda_emu.cpp): the warp sum, or raises."""
@@ -52,9 +88,12 @@ class EmulatedCuda:
         code = self.lib.msda_emu_grad_value_dtype(DTYPE_CODES[dtype])
         return next(t for t, c in DTYPE_CODES.items() if c == code)
 
-    def _call(self, fn, value, loc, *pointers):
+    def _call(self, fn, stage, value, loc, *pointers):
         err = ctypes.create_string_buffer(2048)
-        rc = fn(DTYPE_CODES[value.dtype], DTYPE_CODES[loc.dtype], *pointers, self.max_blocks, err, len(err))
+        self.lib.cuda_emu_set_reverse(int(self.reverse))
+        self.lib.msda_emu_set_misalign(self.misalign)
+        kernel = self.kernels[stage]
+        rc = fn(kernel, DTYPE_CODES[value.dtype], DTYPE_CODES[loc.dtype], *pointers, self.max_blocks, err, len(err))
         if rc:
             raise RuntimeError(f"emulated CUDA kernel: {err.value.decode()}")
 
@@ -66,6 +105,7 @@ class EmulatedCuda:
         sizes = _sizes(value, loc, shapes)
         self._call(
             self.lib.msda_emu_forward,
+            0,
             value,
             loc,
             value.data_ptr(),
@@ -88,6 +128,7 @@ class EmulatedCuda:
         sizes = _sizes(value, loc, shapes)
         self._call(
             self.lib.msda_emu_backward,
+            1,
             value,
             loc,
             grad_out.data_ptr(),
@@ -120,7 +161,7 @@ class EmulatedCuda:
         return Op.apply
 
 
-def load_emulation(max_blocks=0):
+def load_emulation(max_blocks=0, kernel="baseline", reverse=False, misalign=0):
     path = default_library()
     if not os.path.exists(path):
         message = f"the CUDA emulation library {path} is not built (make cuda-emulation)"
@@ -129,4 +170,4 @@ def load_emulation(max_blocks=0):
         import pytest
 
         pytest.skip(message)
-    return EmulatedCuda(path, max_blocks)
+    return EmulatedCuda(path, max_blocks, kernel, reverse, misalign)

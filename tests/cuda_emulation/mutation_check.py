@@ -6,9 +6,9 @@ For every mutant, a copy of dino_detr/csrc gets one edit, the host emulation is 
 (tests/cuda_emulation/build.sh) and the emulated tests (test_ms_deform_attn_cuda_emulation.py, then
 the emulated backend of test_ms_deform_attn_cuda.py) run against it until the first failure. A
 mutant is caught when the suite fails (or crashes, or hangs past --timeout). Prints one line per
-mutant and "caught X of Y"; exits 1 when a mutant survives. Needs no GPU; about 2 minutes on 2 cores.
+mutant and "caught X of Y"; exits 1 when a mutant survives. Needs no GPU; 1-2 minutes per mutant on 2 cores.
 
-    python tests/cuda_emulation/mutation_check.py [--only NAME] [--timeout 600]
+    python tests/cuda_emulation/mutation_check.py [--only NAME ...] [--timeout 600]
 """
 
 import argparse
@@ -21,6 +21,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KERNELS = "cuda/ms_deform_attn_kernels.cuh"
+VEC = "cuda/ms_deform_attn_vec_kernels.cuh"
+LAUNCH = "cuda/ms_deform_attn_launch.cuh"
 SAMPLE = "ms_deform_attn_sample.h"
 
 # name: (file under dino_detr/csrc, text, replacement); every occurrence is replaced.
@@ -59,10 +61,38 @@ MUTANTS = {
     ),
     "wrong gradient scale": (SAMPLE, "grad_x = a * static_cast<T>(w) * dfx;", "grad_x = a * static_cast<T>(h) * dfx;"),
     "half-precision atomics": (
-        KERNELS,
+        LAUNCH,
         "using grad_value_acc_t = at::opmath_type<scalar_t>;",
         "using grad_value_acc_t = scalar_t;",
     ),
+    # The vectorized and deterministic variants.
+    "vector tail read whole (forward)": (
+        VEC,
+        "static_cast<int>(std::min<int64_t>(V, s.channels - d));\n      const bool whole = vector_io && width == V;\n"
+        "      acc_t acc",
+        "V;\n      const bool whole = vector_io && width == V;\n      acc_t acc",
+    ),
+    "vector tail read whole (backward)": (
+        VEC,
+        "          const int width = static_cast<int>(std::min<int64_t>(V, s.channels - d));",
+        "          const int width = V;",
+    ),
+    "vector slice start per lane": (
+        VEC,
+        "for (int64_t d = static_cast<int64_t>(lane) * V; d < s.channels; d += static_cast<int64_t>(s.group) * V) {\n"
+        "      const int width",
+        "for (int64_t d = lane; d < s.channels; d += static_cast<int64_t>(s.group) * V) {\n      const int width",
+    ),
+    "vector accesses on D not a multiple": (LAUNCH, "if (s.channels % kVecWidth<scalar_t> != 0) return false;", ""),
+    "vector accesses misaligned": (LAUNCH, "reinterpret_cast<std::uintptr_t>(p) % 16 == 0", "true"),
+    "shuffle over half the group": (
+        VEC,
+        "dot[c] = group_sum(dot[c], s.group, mask);",
+        "dot[c] = group_sum(dot[c], s.group / 2, mask);",
+    ),
+    "fixed-point scale too coarse": (VEC, "return 61 - k;", "return 21 - k;"),
+    "fixed-point finish misses the tail": (VEC, "i < numel;", "i < numel - 1;"),
+    "non-finite contributions dropped": (VEC, "atomicAdd(overflow + index + k, x[k]);", "(void)overflow;"),
 }
 
 TESTS = ["tests/test_ms_deform_attn_cuda_emulation.py", "tests/test_ms_deform_attn_cuda.py"]
@@ -76,9 +106,15 @@ def run_mutant(name, edit, work, timeout):
     plant(os.path.join(csrc, path), text, replacement, name)
     library = os.path.join(csrc, "libmsda_emu.so")
     env = dict(os.environ, MSDA_CSRC=csrc, PYTHON=sys.executable)
-    subprocess.run(
-        [os.path.join(ROOT, "tests", "cuda_emulation", "build.sh"), library, "base"], env=env, check=True, cwd=ROOT
+    build = subprocess.run(
+        [os.path.join(ROOT, "tests", "cuda_emulation", "build.sh"), library, "base"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
+    if build.returncode != 0:  # a mutant must compile to say anything about the tests
+        return False, "does not compile (update this script with the kernels): " + build.stderr[-300:]
     env = dict(os.environ, DINO_DETR_CUDA_EMU=library, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     return run_tests(["-k", "not gpu", *TESTS], env, ROOT, timeout)
 
@@ -125,10 +161,10 @@ def check(names, run_mutant):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=sorted(MUTANTS), help="run one mutant")
+    parser.add_argument("--only", nargs="+", choices=sorted(MUTANTS), metavar="NAME", help="run these mutants")
     parser.add_argument("--timeout", type=int, default=600, help="seconds before a mutant's test run counts as hung")
     args = parser.parse_args()
-    names = [args.only] if args.only else list(MUTANTS)
+    names = args.only or list(MUTANTS)
     with tempfile.TemporaryDirectory(prefix="msda_mutants_") as work:
         return check(names, lambda name: run_mutant(name, MUTANTS[name], work, args.timeout))
 

@@ -1,7 +1,8 @@
-// CUDA kernels of multi-scale deformable attention and their launch code, written once for two
-// execution backends: the CUDA runtime (ms_deform_attn_cuda.cu) and the host emulation of
-// tests/cuda_emulation/, which compiles this very file for the CPU so that CI runs it without a GPU.
-// A Backend has `launch(kernel, blocks, threads_per_block, args...)`.
+// The baseline CUDA kernels of multi-scale deformable attention (the design of the original
+// Deformable-DETR kernel, kept as the reference point of every variant) and the pieces the variants
+// share (Dims, level reading, group sums). Launch code: ms_deform_attn_launch.cuh, written once for
+// two execution backends: the CUDA runtime (ms_deform_attn_cuda.cu) and the host emulation of
+// tests/cuda_emulation/, which compiles these very files for the CPU so that CI runs them without a GPU.
 //
 // value is scalar_t (float32, float64, float16, bfloat16); sampling locations and attention
 // weights are loc_t: scalar_t, or float32 with a half-precision value. Math is in
@@ -167,46 +168,6 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const sca
     }
     check_levels_cover(next_start, s.spatial);
   }
-}
-
-inline Dims make_dims(const MSDASizes& s) {
-  int group = 1;
-  while (group < s.channels && group < 32) group *= 2;
-  return {s.batch, s.spatial, s.heads, s.channels, s.queries, s.levels, s.points, group};
-}
-
-// Blocks for one group per (n, q, m), capped (the kernels loop over the rest).
-inline unsigned grid_size(const Dims& d) {
-  const int64_t groups = d.batch * d.queries * d.heads;
-  const int64_t groups_per_block = kThreads / d.group;
-  return static_cast<unsigned>(std::min<int64_t>((groups + groups_per_block - 1) / groups_per_block, kMaxBlocks));
-}
-
-// grad_value accumulates in float32 for the half types (16-bit atomics lose too much).
-template <typename scalar_t>
-using grad_value_acc_t = at::opmath_type<scalar_t>;
-
-// out: (N, Lq, M * D), written in full.
-template <typename scalar_t, typename loc_t, typename Backend>
-void launch_forward(const Backend& backend, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
-                    const loc_t* locations, const loc_t* weights, scalar_t* out, const MSDASizes& sizes) {
-  const Dims dims = make_dims(sizes);
-  if (sizes.batch * sizes.queries * sizes.heads * sizes.channels == 0) return;
-  backend.launch(forward_kernel<scalar_t, loc_t>, grid_size(dims), kThreads, value, shapes, starts, locations,
-                 weights, out, dims);
-}
-
-// grad_value, grad_loc, grad_attn: zero-filled on entry (atomics add to the first; a sample that
-// touches no pixel leaves the other two at 0).
-template <typename scalar_t, typename loc_t, typename Backend>
-void launch_backward(const Backend& backend, const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes,
-                     const int64_t* starts, const loc_t* locations, const loc_t* weights,
-                     grad_value_acc_t<scalar_t>* grad_value, loc_t* grad_loc, loc_t* grad_attn,
-                     const MSDASizes& sizes) {
-  const Dims dims = make_dims(sizes);
-  if (sizes.batch * sizes.queries * sizes.heads * sizes.levels * sizes.points == 0 || sizes.channels == 0) return;
-  backend.launch(backward_kernel<scalar_t, loc_t, grad_value_acc_t<scalar_t>>, grid_size(dims), kThreads, grad_out,
-                 value, shapes, starts, locations, weights, grad_value, grad_loc, grad_attn, dims);
 }
 
 }  // namespace msda

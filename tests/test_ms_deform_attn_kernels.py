@@ -1,0 +1,153 @@
+"""Choice of the MSDA CUDA kernel by measurement (dino_detr/layers/ms_deform_attn_kernels.py), with
+a fake timer: the fastest candidate wins only when clearly faster than the baseline, the choice is
+remembered per (stage, key) and in the cache file, DINO_DETR_MSDA_KERNEL forces one (an unknown
+name is a clear error), the deterministic kernel is never a timed candidate. The CPU kernels'
+determinism: bitwise identical results for any thread count."""
+
+import json
+
+import pytest
+import torch
+
+from dino_detr.layers import ms_deform_attn
+from dino_detr.layers.ms_deform_attn_kernels import ENV_KERNEL, KernelSelector, shape_bucket
+
+from msda_inputs import make_inputs
+
+NAMES = {"forward": ["baseline", "vectorized"], "backward": ["baseline", "vectorized", "deterministic"]}
+
+
+class FakeOp:
+    """The op's kernel switch and a timer that reports each kernel's preset time."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds  # (stage, name) -> seconds
+        self.current = {}
+        self.timed = []
+
+    def use_kernel(self, stage, name):
+        self.current[stage] = name
+
+    def timer(self, run):
+        run()
+        stage, name = run.stage, self.current[run.stage]
+        self.timed.append((stage, name))
+        return self.seconds[stage, name]
+
+
+def _run(stage):
+    def run():
+        pass
+
+    run.stage = stage
+    return run
+
+
+def _selector(seconds, cache_file=None):
+    op = FakeOp(seconds)
+    return op, KernelSelector(NAMES, op.use_kernel, op.timer, cache_file)
+
+
+@pytest.fixture(autouse=True)
+def auto(monkeypatch):
+    monkeypatch.delenv(ENV_KERNEL, raising=False)
+
+
+def test_fastest_candidate_is_chosen_once_and_remembered():
+    op, selector = _selector({("backward", "baseline"): 2.0, ("backward", "vectorized"): 1.0})
+    assert selector.select("backward", ("gpu", 1), _run("backward")) == "vectorized"
+    assert op.current["backward"] == "vectorized"
+    assert op.timed == [("backward", "baseline"), ("backward", "vectorized")]  # never "deterministic"
+    op.current["backward"] = "baseline"
+    assert selector.select("backward", ("gpu", 1), _run("backward")) == "vectorized"
+    assert op.current["backward"] == "vectorized" and len(op.timed) == 2  # remembered, not timed again
+    selector.select("backward", ("gpu", 2), _run("backward"))  # another bucket is measured
+    assert len(op.timed) == 4
+
+
+@pytest.mark.parametrize("variant_seconds,chosen", [(0.99, "baseline"), (1.0, "baseline"), (1.5, "baseline")])
+def test_baseline_stays_unless_clearly_faster(variant_seconds, chosen):
+    """Within the 3% margin (timing noise) or slower, the baseline keeps its place: no variant
+    makes a call slower than today's kernel."""
+    op, selector = _selector({("forward", "baseline"): 1.0, ("forward", "vectorized"): variant_seconds})
+    assert selector.select("forward", ("k",), _run("forward")) == chosen
+
+
+def test_cache_file_keeps_choices_across_processes(tmp_path):
+    cache = tmp_path / "msda_kernels.json"
+    seconds = {("forward", "baseline"): 3.0, ("forward", "vectorized"): 1.0}
+    op, selector = _selector(seconds, str(cache))
+    selector.select("forward", ("H100", "torch.float32", 1024), _run("forward"))
+    assert json.loads(cache.read_text()) == {json.dumps(["forward", "H100", "torch.float32", 1024]): "vectorized"}
+    op2, selector2 = _selector(seconds, str(cache))  # a new process
+    assert selector2.select("forward", ("H100", "torch.float32", 1024), _run("forward")) == "vectorized"
+    assert op2.timed == [] and op2.current["forward"] == "vectorized"
+
+
+def test_forced_kernel_and_its_errors(monkeypatch):
+    op, selector = _selector({})
+    monkeypatch.setenv(ENV_KERNEL, "deterministic")
+    assert selector.select("backward", ("k",), _run("backward")) == "deterministic"
+    assert selector.select("forward", ("k",), _run("forward")) == "baseline"  # the forward has none of that name
+    monkeypatch.setenv(ENV_KERNEL, "vectorised")
+    with pytest.raises(
+        ValueError, match=r"DINO_DETR_MSDA_KERNEL='vectorised'.*auto or.*baseline, deterministic, vectorized"
+    ):
+        selector.select("forward", ("k",), _run("forward"))
+    assert op.timed == []
+
+
+def test_shape_bucket():
+    value = torch.empty(2, 1000, 8, 32)
+    loc = torch.empty(2, 300, 8, 4, 4, 2)
+    assert shape_bucket(value, loc) == (1024, 1024, 8, 32, 4, 4)
+    assert shape_bucket(torch.empty(2, 1024, 8, 32), torch.empty(2, 257, 8, 4, 4, 2))[:2] == (1024, 1024)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernels_are_deterministic(threads):
+    """The CPU kernels own their outputs per thread (forward: (n, q) rows; backward: (n, m) heads,
+    each summed in one fixed order), so their results are bitwise the same run to run and for any
+    thread count: no deterministic mode is needed there."""
+    inputs = make_inputs(2, [[6, 5], [2, 2], [1, 1]], 4, 8, 60, 4, dtype=torch.float32, seed=2)
+    inputs = tuple(t.requires_grad_() if t.is_floating_point() else t for t in inputs)
+    grad_out = torch.randn(2, 60, 32, generator=torch.Generator().manual_seed(0))
+    previous = torch.get_num_threads()
+
+    def run(n):
+        torch.set_num_threads(n)
+        out = ms_deform_attn(*inputs)
+        return (out,) + torch.autograd.grad(out, (inputs[0], inputs[3], inputs[4]), grad_out)
+
+    try:
+        reference, again = run(threads), run(threads)
+        other = run(3 - threads)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b, c in zip(reference, again, other):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_select_kernel_keys_and_skips(monkeypatch):
+    """select_kernel keys a choice by GPU name, dtypes and shape bucket, and leaves the choice
+    alone for the backward under deterministic algorithms (the op runs its deterministic kernel)."""
+    from dino_detr.layers import ms_deform_attn_kernels as kernels
+
+    calls = []
+
+    class Recorder:
+        def select(self, stage, key, run):
+            calls.append((stage, key, torch.is_grad_enabled()))
+
+    monkeypatch.setattr(kernels, "_selector", lambda: Recorder())
+    monkeypatch.setattr(kernels, "_device_name", lambda index: "Fake GPU")
+    value, loc = torch.empty(2, 1000, 8, 32, dtype=torch.float16), torch.empty(2, 300, 8, 4, 4, 2)
+    kernels.select_kernel("forward", value, loc, lambda: None)
+    assert calls == [("forward", ("Fake GPU", "torch.float16", "torch.float32", 1024, 1024, 8, 32, 4, 4), False)]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        kernels.select_kernel("backward", value, loc, lambda: None)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert len(calls) == 1
