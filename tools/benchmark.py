@@ -149,7 +149,8 @@ def benchmark(args):
         "published_ap": PUBLISHED_AP.get(model_key(config_file), []),
     }
     inputs = make_inputs(h, w, device, with_targets=False)
-    result["inference"] = measure_inference(model, inputs, args.warmup, args.repeats, args.amp)
+    if not args.backends_only:
+        result["inference"] = measure_inference(model, inputs, args.warmup, args.repeats, args.amp)
     if args.backends:
         if cfg.MODEL.META_ARCHITECTURE != "DinoDetr" or args.device != "cpu":
             raise SystemExit("--backends: DINO configs on the CPU only")
@@ -180,7 +181,7 @@ def markdown_table(results):
         "peak mem (MiB) | train s/iter (peak MiB) | machine |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in (r for r in results if "inference" in r):
         ap = ", ".join(f"{s} {a}" for s, a, _ in r["published_ap"]) or "-"
         train = (
             f"{r['training']['iter_s']:.2f} ({r['training']['peak_mem_mib']:.0f}, batch {r.get('train_batch', '?')})"
@@ -241,7 +242,7 @@ def plot(results, path):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
-        if not r["published_ap"]:
+        if not r["published_ap"] or "inference" not in r:
             continue
         best = max(ap for _, ap, _ in r["published_ap"])
         ax.scatter(r["inference"]["latency_s"], best, s=40)
@@ -290,6 +291,9 @@ def main(argv=None):
         choices=BACKENDS,
         default=[],
         help="also time DINO's exported inference path on these CPU runtimes (H, W multiples of 32)",
+    )
+    parser.add_argument(
+        "--backends-only", action="store_true", help="with --backends: skip the Detectron2 model's own timing"
     )
     parser.add_argument("--json", help="write the result (or, with --summarize, all results) here")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="combine earlier results")

@@ -13,7 +13,7 @@ import torch
 from .exporter import compile_aoti, export_detector, export_onnx
 from .module import DetectorForExport
 
-__all__ = ["BACKENDS", "build_runtime"]
+__all__ = ["BACKENDS", "build_runtime", "openvino_runtime"]
 
 BACKENDS = ("eager", "eager-bf16", "compiled", "aoti", "aoti-bf16", "onnxruntime", "openvino-f32", "openvino-bf16")
 
@@ -46,27 +46,7 @@ def build_runtime(backend: str, model, example_size, workdir: str) -> Callable:
         path = compile_aoti(export_detector(model, example_size), os.path.join(workdir, "dino_aoti.pt2"))
         return torch._inductor.aoti_load_package(path)
     if backend.startswith("openvino-"):
-        import openvino
-
-        hint = backend.removeprefix("openvino-")
-        compiled = openvino.Core().compile_model(
-            _onnx_file(model, example_size, workdir),
-            "CPU",
-            {
-                "INFERENCE_PRECISION_HINT": hint,
-                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-                "PERFORMANCE_HINT": "LATENCY",
-            },
-        )
-        request = compiled.create_infer_request()
-
-        def run_openvino(images, image_sizes):
-            results = request.infer({"images": images.numpy(), "image_sizes": image_sizes.numpy()})
-            return tuple(
-                torch.from_numpy(results[compiled.output(name)].copy()) for name in ("boxes", "scores", "classes")
-            )
-
-        return run_openvino
+        return openvino_runtime(_onnx_file(model, example_size, workdir), backend.removeprefix("openvino-"))
     if backend == "onnxruntime":
         import onnxruntime
 
@@ -81,3 +61,26 @@ def build_runtime(backend: str, model, example_size, workdir: str) -> Callable:
 
         return run
     raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+
+
+def openvino_runtime(onnx_path: str, precision: str) -> Callable:
+    """OpenVINO (CPU plugin) running this project's ONNX export with the inference precision hint
+    ``precision`` ("f32" or "bf16"), ``torch.get_num_threads()`` threads, latency mode."""
+    import openvino
+
+    compiled = openvino.Core().compile_model(
+        onnx_path,
+        "CPU",
+        {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "PERFORMANCE_HINT": "LATENCY",
+        },
+    )
+    request = compiled.create_infer_request()
+
+    def run(images, image_sizes):
+        results = request.infer({"images": images.numpy(), "image_sizes": image_sizes.numpy()})
+        return tuple(torch.from_numpy(results[compiled.output(name)].copy()) for name in ("boxes", "scores", "classes"))
+
+    return run
