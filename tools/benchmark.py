@@ -10,9 +10,12 @@ Works on any Detectron2 config, so DINO and Detectron2's own baselines are measu
 Weights are random (MODEL.WEIGHTS is cleared): cost does not depend on them. ``--compare-reference`` also
 times the model with the pure-PyTorch multi-scale deformable attention and reports the speed ratio.
 ``--backends`` times DINO's exported inference path (``dino_detr.export``) on each runtime side by side,
-round-robin (one call of each backend per round), so that a shared machine's changing load is spread evenly:
+round-robin (one call of each backend per round), so that a shared machine's changing load is spread evenly
+(on a machine with more runnable threads than cores, run PyTorch with ``OMP_WAIT_POLICY=PASSIVE``: spinning
+OpenMP threads otherwise lose most of their time to the oversubscription):
 
-    python tools/benchmark.py --config-file configs/dino_r50_4scale.yaml --size 800 1216 --no-flops --threads 2 \
+    OMP_WAIT_POLICY=PASSIVE python tools/benchmark.py --config-file configs/dino_r50_4scale.yaml --size 800 1216 \
+        --no-flops --threads 2 --backends-only \
         --backends eager eager-bf16 aoti onnxruntime openvino-f32 openvino-bf16 --json out/dino4_backends.json
 
 ``-bf16`` backends run the model prepared for bfloat16 inference (``MODEL.DINO.INFERENCE_DTYPE``); the
