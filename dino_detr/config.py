@@ -124,6 +124,10 @@ def check_dino_config(cfg):
         raise ValueError(
             f"MODEL.DINO.COMPILE={d.COMPILE!r} is not a torch.compile backend (e.g. 'inductor'; '' = eager)"
         )
+    if d.INFERENCE_DTYPE not in ("float32", "bfloat16", "float16", "auto"):
+        raise ValueError(
+            f"MODEL.DINO.INFERENCE_DTYPE must be float32, bfloat16, float16 or auto, got {d.INFERENCE_DTYPE!r}"
+        )
     if d.POSITION_EMBEDDING not in ("sine", "learned"):
         raise ValueError(f"MODEL.DINO.POSITION_EMBEDDING must be 'sine' or 'learned', got {d.POSITION_EMBEDDING!r}")
     if cfg.MODEL.BACKBONE.NAME == "build_swin_backbone":
@@ -211,6 +215,10 @@ def _add_model_config(cfg):
     # from the padded images to the predictions is one graph, dynamic in the batch and image
     # sizes (no recompilation per size). The first call compiles (about a minute on a CPU).
     d.COMPILE = ""
+    # Inference precision: float32 | bfloat16 | float16 | auto (bfloat16 where the CPU or GPU computes it
+    # natively, else float32). Not float32: the model is converted once, at its first inference call
+    # (DinoDetr.prepare_for_inference: folded batch norms, weights cast, class/box heads in float32).
+    d.INFERENCE_DTYPE = "float32"
     # Backbone "build_timm_backbone": any timm CNN with features_only=True; set
     # MODEL.DINO.IN_FEATURES to the matching ["timm_feat{i}"] names.
     cfg.MODEL.TIMM = CN()

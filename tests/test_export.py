@@ -2,6 +2,7 @@
 DINO on image sizes other than the export example, reloads in a fresh process, and bad input
 gets a clear error. One export per format is shared by the tests (module-scoped fixtures)."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from dino_detr import get_dino_cfg
 from dino_detr.export import (
     DetectorForExport,
     ExportError,
+    build_runtime,
     compile_aoti,
     example_inputs,
     export_detector,
@@ -237,6 +239,29 @@ def test_onnx_uses_grid_sample_and_matches_eager_in_onnx_runtime(onnx_file, case
     """,
         onnx_file,
     )
+
+
+def test_openvino_runs_the_onnx_export_like_eager(onnx_file, cases):
+    """OpenVINO (a ``tools/benchmark.py --backends`` runtime) on the ONNX export: with the f32 hint it gives
+    eager's detections; with the bf16 hint it runs and returns float32 scores in decreasing order."""
+    from dino_detr.export import openvino_runtime
+
+    for (inputs, expected), precision in itertools.product(cases, ("f32", "bf16")):
+        outputs = openvino_runtime(onnx_file, precision)(*inputs)
+        if precision == "f32":
+            assert_same_detections(outputs, expected)
+        else:
+            assert outputs[1].dtype == torch.float32 and (outputs[1].diff(dim=1) <= 0).all()
+
+
+def test_bf16_backend_leaves_the_model_unchanged(model, cases):
+    """The "eager-bf16" backend runs a bfloat16 copy: the model itself stays float32 and unconverted."""
+    (images, sizes), expected = cases[0]
+    with torch.no_grad():
+        boxes, scores, classes = build_runtime("eager-bf16", model, EXAMPLE_SIZE, "")(images, sizes)
+    assert model.prepared_dtype is None and model.class_embed[0].weight.dtype == torch.float32
+    assert scores.dtype == torch.float32 and scores.shape == expected[1].shape
+    assert boxes.shape == expected[0].shape and classes.shape == expected[2].shape
 
 
 def test_export_tool_writes_a_loadable_program_with_config_overrides(tmp_path):

@@ -130,7 +130,6 @@ def _bad_inputs():
     yield "spatial_shapes must be int64", (value, shapes.int(), starts, loc, weights)
     yield "spatial_shapes must be int64", (value, shapes.float(), starts, loc, weights)
     yield "level_start_index must be int64", (value, shapes, starts.int(), loc, weights)
-    yield "supported on CUDA only", (value.half(), shapes, starts, loc.half(), weights.half())
     yield "torch.Tensor", (value.tolist(), shapes, starts, loc, weights)
     if torch.cuda.is_available():
         yield "one device", (value.cuda(), shapes, starts, loc.cuda(), weights.cuda())
@@ -180,8 +179,6 @@ def test_native_op_error_types():
         op(value[:, :, :1].contiguous(), shapes, starts, loc[:, :, :1].contiguous(), weights)
     with pytest.raises(TypeError, match="level_start_index must be int64, got torch.int32"):
         op(value, shapes, starts.int(), loc, weights)
-    with pytest.raises(TypeError, match="torch.float16 is supported on CUDA only"):
-        op(value.half(), shapes, starts, loc.half(), weights.half())
     with pytest.raises(ValueError, match=r"value must be contiguous, got strides \[96, 3, 48, 1\]"):
         op(value.transpose(1, 2).contiguous().transpose(1, 2), shapes, starts, loc, weights)
     with pytest.raises(ValueError, match="sum to 16 positions but value has S=14"):

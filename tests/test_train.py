@@ -21,7 +21,7 @@ import dino_detr.data  # noqa: F401
 from dino_detr.data import register_coco_dataset
 from dino_detr.engine import DinoTrainer
 
-from train_utils import ci_cfg, ci_dataset
+from train_utils import ci_cfg, ci_dataset, unmatched_detections
 
 # COCO bbox AP (%) on the 16 training images after TRAIN_ITERS steps, with configs/dino_demo.yaml's
 # BASE_LR 4e-4: measured 53.0 with the real model (2-core CPU, ~2 min) and 6.4 when the Hungarian
@@ -154,6 +154,39 @@ def test_predictor_returns_instances_in_original_coordinates(trained, tmp_path):
     )
     best3 = small_out[small_out.scores.argsort(descending=True)[:3]]
     assert pairwise_iou(best3.pred_boxes, gt).max() > 0.5
+
+
+# bfloat16 inference (MODEL.DINO.INFERENCE_DTYPE) of the trained model against its float32 inference: each of
+# the best BF16_TOP float32 detections of an image is found again (same class, box IoU >= BF16_MIN_IOU, score
+# within BF16_SCORE_TOL), and the COCO AP is within BF16_AP_TOL.
+BF16_TOP, BF16_MIN_IOU, BF16_SCORE_TOL, BF16_AP_TOL = 5, 0.9, 0.03, 0.5
+
+
+def test_bfloat16_inference_matches_float32(trained, trained_cli, tmp_path):
+    cfg, results = trained
+    import train_net
+
+    config_file, weights = trained_cli
+    args = train_net.argument_parser().parse_args(
+        ["--config-file", config_file, "--eval-only", *weights, "OUTPUT_DIR", str(tmp_path / "bf16")]
+        + ["MODEL.DINO.INFERENCE_DTYPE", "bfloat16"]
+    )
+    ap16, ap32 = train_net.main(args)["bbox"]["AP"], results["bbox"]["AP"]
+    print(f"CI demo model COCO AP: float32 {ap32:.2f}, bfloat16 {ap16:.2f}")
+    assert abs(ap16 - ap32) <= BF16_AP_TOL
+
+    cfg = cfg.clone()
+    cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    predictor32 = DefaultPredictor(cfg)
+    cfg.MODEL.DINO.INFERENCE_DTYPE = "bfloat16"
+    predictor16 = DefaultPredictor(cfg)
+    assert predictor16.model.prepared_dtype is None  # converted at the first call, after the weights loaded
+    for record in [r for r in DatasetCatalog.get(cfg.DATASETS.TRAIN[0]) if r["annotations"]][:6]:
+        image = cv2.imread(record["file_name"])
+        expected, got = (p(image)["instances"].to("cpu") for p in (predictor32, predictor16))
+        missing = unmatched_detections(expected, got, BF16_TOP, BF16_MIN_IOU, BF16_SCORE_TOL)
+        assert not missing, f"{record['file_name']}: float32 detections (score, class, best IoU) {missing}"
+    assert predictor16.model.prepared_dtype == torch.bfloat16
 
 
 class _Interrupt(Exception):

@@ -65,3 +65,21 @@ def ci_cfg(output_dir, max_iter: int, **overrides):
     for key, value in overrides.items():
         cfg.merge_from_list([key, value])
     return cfg
+
+
+def unmatched_detections(reference, other, top: int, min_iou: float, score_tol: float) -> list:
+    """The best ``top`` detections of ``reference`` (Detectron2 ``Instances``, sorted by score) that
+    ``other`` does not find again: no detection of the same class with box IoU >= ``min_iou`` and a score
+    within ``score_tol``. Returned as (score, class, best IoU) for the error message."""
+    from detectron2.structures import pairwise_iou
+
+    missing = []
+    for i in range(min(top, len(reference))):
+        same = other[
+            (other.pred_classes == reference.pred_classes[i])
+            & ((other.scores - reference.scores[i]).abs() <= score_tol)
+        ]
+        best = float(pairwise_iou(reference.pred_boxes[i : i + 1], same.pred_boxes).max()) if len(same) else 0.0
+        if best < min_iou:
+            missing.append((float(reference.scores[i]), int(reference.pred_classes[i]), best))
+    return missing

@@ -9,15 +9,23 @@ Works on any Detectron2 config, so DINO and Detectron2's own baselines are measu
 
 Weights are random (MODEL.WEIGHTS is cleared): cost does not depend on them. ``--compare-reference`` also
 times the model with the pure-PyTorch multi-scale deformable attention and reports the speed ratio.
-``--backends`` times DINO's exported inference path (``dino_detr.export``) on each runtime side by side:
+``--backends`` times DINO's exported inference path (``dino_detr.export``) on each runtime side by side,
+round-robin (one call of each backend per round), so that a shared machine's changing load is spread evenly
+(on a machine with more runnable threads than cores, run PyTorch with ``OMP_WAIT_POLICY=PASSIVE``: spinning
+OpenMP threads otherwise lose most of their time to the oversubscription):
 
-    python tools/benchmark.py --config-file configs/dino_r50_4scale.yaml --size 800 1216 --no-flops \
-        --backends eager compiled aoti onnxruntime --json out/dino4_backends.json
+    OMP_WAIT_POLICY=PASSIVE python tools/benchmark.py --config-file configs/dino_r50_4scale.yaml --size 800 1216 \
+        --no-flops --threads 2 --backends-only \
+        --backends eager eager-bf16 aoti onnxruntime openvino-f32 openvino-bf16 --json out/dino4_backends.json
+
+``-bf16`` backends run the model prepared for bfloat16 inference (``MODEL.DINO.INFERENCE_DTYPE``); the
+plain model measurement honours ``MODEL.DINO.INFERENCE_DTYPE`` given as a config override.
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,9 +38,10 @@ from dino_detr import get_dino_cfg  # (registers DINO)
 from dino_detr.analysis import count_flops
 from dino_detr.export import BACKENDS, build_runtime, example_inputs
 from dino_detr.layers import MSDeformAttn, use_reference_implementation
+from dino_detr.modeling.inference_precision import native_bfloat16
 
 from cpu_allocator import reuse_freed_cpu_memory
-from measure import machine_name, measure_call, measure_inference, measure_training
+from measure import machine_name, measure_inference, measure_training, reset_peak_memory, rss_kib
 from published import PUBLISHED_AP
 from user_errors import run_tool
 
@@ -82,24 +91,40 @@ def make_inputs(height, width, device, with_targets, num_classes=80, num_boxes=8
 
 def benchmark_backends(model, size, backends, warmup, repeats):
     """Latency, peak memory and build time (export / compilation) of each backend on one
-    normalized image of ``size``, with the largest difference from eager of scores and boxes."""
+    normalized image of ``size``, with the largest difference from eager of scores and boxes.
+
+    The backends are timed round-robin (one call of each in turn, ``repeats`` rounds), so that a
+    change in the machine's load during the run affects all of them alike; the median of each is
+    reported. Peak memory: the process's peak resident set during the backend's first call, all
+    runtimes loaded.
+    """
     images, sizes = example_inputs(*size, batch=1)
     with torch.no_grad():
         reference = build_runtime("eager", model, size, "")(images, sizes)
-    results = {}
+    results, runs = {}, {}
     with tempfile.TemporaryDirectory() as workdir:
         for backend in backends:
             start = time.perf_counter()
             with torch.no_grad():
                 run = build_runtime(backend, model, size, workdir)
+                reset_peak_memory(torch.device("cpu"))
                 outputs = run(images, sizes)  # the first call compiles (torch.compile)
-            result = {"build_s": time.perf_counter() - start}
-            result.update(measure_call(run, (images, sizes), torch.device("cpu"), warmup, repeats))
-            result["max_abs_diff_boxes"] = float((outputs[0] - reference[0]).abs().max())
-            result["max_abs_diff_scores"] = float((outputs[1] - reference[1]).abs().max())
-            result["same_classes"] = bool(torch.equal(outputs[2], reference[2]))
-            results[backend] = result
-            del run, outputs
+            result = {"build_s": time.perf_counter() - start, "peak_mem_mib": rss_kib("VmHWM") / 1024}
+            result["max_abs_diff_boxes"] = float((outputs[0].float() - reference[0]).abs().max())
+            result["max_abs_diff_scores"] = float((outputs[1].float() - reference[1]).abs().max())
+            result["same_classes"] = bool(torch.equal(outputs[2].long(), reference[2]))
+            results[backend], runs[backend] = result, run
+            del outputs
+        times = {backend: [] for backend in backends}
+        with torch.no_grad():
+            for round_index in range(warmup + repeats):
+                for backend, run in runs.items():
+                    t0 = time.perf_counter()
+                    run(images, sizes)
+                    if round_index >= warmup:
+                        times[backend].append(time.perf_counter() - t0)
+        for backend in backends:
+            results[backend].update(latency_s=statistics.median(times[backend]), latency_all_s=times[backend])
     return results
 
 
@@ -117,6 +142,7 @@ def benchmark(args):
         "command": " ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
         "model": model_key(config_file),
         "machine": machine_name(device),
+        "native_bf16": native_bfloat16(device) or "none",
         "device": args.device,
         "torch": torch.__version__,
         "amp": args.amp,
@@ -127,7 +153,8 @@ def benchmark(args):
         "published_ap": PUBLISHED_AP.get(model_key(config_file), []),
     }
     inputs = make_inputs(h, w, device, with_targets=False)
-    result["inference"] = measure_inference(model, inputs, args.warmup, args.repeats, args.amp)
+    if not args.backends_only:
+        result["inference"] = measure_inference(model, inputs, args.warmup, args.repeats, args.amp)
     if args.backends:
         if cfg.MODEL.META_ARCHITECTURE != "DinoDetr" or args.device != "cpu":
             raise SystemExit("--backends: DINO configs on the CPU only")
@@ -158,7 +185,7 @@ def markdown_table(results):
         "peak mem (MiB) | train s/iter (peak MiB) | machine |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in (r for r in results if "inference" in r):
         ap = ", ".join(f"{s} {a}" for s, a, _ in r["published_ap"]) or "-"
         train = (
             f"{r['training']['iter_s']:.2f} ({r['training']['peak_mem_mib']:.0f}, batch {r.get('train_batch', '?')})"
@@ -185,24 +212,28 @@ def markdown_table(results):
 
 
 def backends_table(results):
-    """Rows of the side-by-side table of ``--backends`` results (empty when there are none)."""
+    """Rows of the side-by-side table of ``--backends`` results (empty when there are none): each backend's
+    speed relative to eager and to the fastest OpenVINO precision of the same run."""
     rows = [
         "",
-        "| model | input | backend | latency (s/img) | vs eager | peak mem (MiB) | build (s) | "
-        "max diff scores / boxes vs eager |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | input | backend | latency (s/img) | vs eager | vs best OpenVINO | peak mem (MiB) | build (s) | "
+        "max diff scores / boxes vs eager | machine (native bf16) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     found = False
     for r in results:
-        eager = r.get("backends", {}).get("eager")
-        for name, b in r.get("backends", {}).items():
+        backends = r.get("backends", {})
+        eager = backends.get("eager")
+        openvino = [b["latency_s"] for name, b in backends.items() if name.startswith("openvino")]
+        for name, b in backends.items():
             found = True
             ratio = f"{eager['latency_s'] / b['latency_s']:.2f}x" if eager else "-"
+            vs_openvino = f"{min(openvino) / b['latency_s']:.2f}x" if openvino else "-"
             same = "" if b["same_classes"] else " (classes differ)"
             rows.append(
                 f"| {r['model']} | {r['input'][0]}x{r['input'][1]} | {name} | {b['latency_s']:.3f} | {ratio} | "
-                f"{b['peak_mem_mib']:.0f} | {b['build_s']:.0f} | {b['max_abs_diff_scores']:.1e} / "
-                f"{b['max_abs_diff_boxes']:.1e}{same} |"
+                f"{vs_openvino} | {b['peak_mem_mib']:.0f} | {b['build_s']:.0f} | {b['max_abs_diff_scores']:.1e} / "
+                f"{b['max_abs_diff_boxes']:.1e}{same} | {r['machine']} ({r.get('native_bf16', '?')}) |"
             )
     return rows if found else []
 
@@ -215,7 +246,7 @@ def plot(results, path):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
-        if not r["published_ap"]:
+        if not r["published_ap"] or "inference" not in r:
             continue
         best = max(ap for _, ap, _ in r["published_ap"])
         ax.scatter(r["inference"]["latency_s"], best, s=40)
@@ -264,6 +295,9 @@ def main(argv=None):
         choices=BACKENDS,
         default=[],
         help="also time DINO's exported inference path on these CPU runtimes (H, W multiples of 32)",
+    )
+    parser.add_argument(
+        "--backends-only", action="store_true", help="with --backends: skip the Detectron2 model's own timing"
     )
     parser.add_argument("--json", help="write the result (or, with --summarize, all results) here")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="combine earlier results")

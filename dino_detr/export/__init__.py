@@ -14,7 +14,7 @@ from .exporter import (
     save_program,
 )
 from .module import DetectorForExport
-from .runtimes import BACKENDS, build_runtime
+from .runtimes import BACKENDS, build_runtime, openvino_runtime
 
 __all__ = [
     "BACKENDS",
@@ -30,5 +30,6 @@ __all__ = [
     "export_detector",
     "export_onnx",
     "op_library_path",
+    "openvino_runtime",
     "save_program",
 ]

@@ -1,7 +1,10 @@
 """The exported detector on each CPU runtime, behind one call ``(images, image_sizes) -> outputs``:
-eager PyTorch, ``torch.compile``, an AOTInductor package and ONNX Runtime (for benchmarks and
-checks against eager)."""
+eager PyTorch, ``torch.compile``, an AOTInductor package, ONNX Runtime and OpenVINO (for benchmarks
+and checks against eager). A ``-bf16`` backend runs a bfloat16 copy of the model
+(:meth:`DinoDetr.prepare_for_inference`); OpenVINO's ``-f32`` / ``-bf16`` set its inference precision hint
+on this project's ONNX export."""
 
+import copy
 import os
 from typing import Callable, Dict
 
@@ -10,18 +13,30 @@ import torch
 from .exporter import compile_aoti, export_detector, export_onnx
 from .module import DetectorForExport
 
-__all__ = ["BACKENDS", "build_runtime"]
+__all__ = ["BACKENDS", "build_runtime", "openvino_runtime"]
 
-BACKENDS = ("eager", "compiled", "aoti", "onnxruntime")
+BACKENDS = ("eager", "eager-bf16", "compiled", "aoti", "aoti-bf16", "onnxruntime", "openvino-f32", "openvino-bf16")
+
+
+def _onnx_file(model, example_size, workdir: str) -> str:
+    """This project's ONNX export of ``model`` in ``workdir``, exported once per workdir."""
+    path = os.path.join(workdir, "dino.onnx")
+    if not os.path.exists(path):
+        export_onnx(export_detector(model, example_size), path)
+    return path
 
 
 def build_runtime(backend: str, model, example_size, workdir: str) -> Callable:
     """A function ``(images, image_sizes) -> (boxes, scores, classes)`` as torch tensors.
 
     Args:
-        backend: one of ``BACKENDS``; "aoti" and "onnxruntime" export ``model`` at
-            ``example_size`` and write their artefact into ``workdir``.
+        backend: one of ``BACKENDS``; "aoti", "onnxruntime" and "openvino" export ``model`` at
+            ``example_size`` and write their artefact into ``workdir``; "-bf16" runs a copy of ``model``
+            prepared for bfloat16 inference (``model`` itself is unchanged).
     """
+    if backend.endswith("-bf16") and not backend.startswith("openvino"):
+        model = copy.deepcopy(model).prepare_for_inference(torch.bfloat16)
+        backend = backend.removesuffix("-bf16")
     detector = DetectorForExport(model)
     if backend == "eager":
         return detector
@@ -30,10 +45,12 @@ def build_runtime(backend: str, model, example_size, workdir: str) -> Callable:
     if backend == "aoti":
         path = compile_aoti(export_detector(model, example_size), os.path.join(workdir, "dino_aoti.pt2"))
         return torch._inductor.aoti_load_package(path)
+    if backend.startswith("openvino-"):
+        return openvino_runtime(_onnx_file(model, example_size, workdir), backend.removeprefix("openvino-"))
     if backend == "onnxruntime":
         import onnxruntime
 
-        path = export_onnx(export_detector(model, example_size), os.path.join(workdir, "dino.onnx"))
+        path = _onnx_file(model, example_size, workdir)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -44,3 +61,26 @@ def build_runtime(backend: str, model, example_size, workdir: str) -> Callable:
 
         return run
     raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+
+
+def openvino_runtime(onnx_path: str, precision: str) -> Callable:
+    """OpenVINO (CPU plugin) running this project's ONNX export with the inference precision hint
+    ``precision`` ("f32" or "bf16"), ``torch.get_num_threads()`` threads, latency mode."""
+    import openvino
+
+    compiled = openvino.Core().compile_model(
+        onnx_path,
+        "CPU",
+        {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "PERFORMANCE_HINT": "LATENCY",
+        },
+    )
+    request = compiled.create_infer_request()
+
+    def run(images, image_sizes):
+        results = request.infer({"images": images.numpy(), "image_sizes": image_sizes.numpy()})
+        return tuple(torch.from_numpy(results[compiled.output(name)].copy()) for name in ("boxes", "scores", "classes"))
+
+    return run

@@ -149,8 +149,6 @@ def _check_metadata(value, spatial_shapes, level_start_index, sampling_locations
     for name in ("spatial_shapes", "level_start_index"):
         if tensors[name].dtype != torch.int64:
             raise TypeError(f"ms_deform_attn: {name} must be int64, got {tensors[name].dtype}")
-    if value.device.type == "cpu" and value.dtype in (torch.float16, torch.bfloat16):
-        raise TypeError(f"ms_deform_attn: {value.dtype} is supported on CUDA only; use float32 or float64 on the CPU")
 
 
 def _check_level_layout(value, spatial_shapes, level_start_index):
@@ -192,7 +190,8 @@ def ms_deform_attn(
         spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
         level_start_index: (L,) int64 start of each level in S.
         sampling_locations: (N, Lq, M, L, P, 2) normalized ``(x, y)``, ``value``'s dtype, or float32
-            with a float16/bfloat16 ``value`` (CUDA), so that locations keep full precision.
+            with a float16/bfloat16 ``value``, so that locations keep full precision (the CPU kernel has
+            a forward only for a float16/bfloat16 ``value``).
         attention_weights: (N, Lq, M, L, P), the dtype of ``sampling_locations``.
 
     Returns:

@@ -96,9 +96,11 @@ class MSDeformAttn(nn.Module):
         # Sampling locations: reference + offsets * scale. Broadcasting only over the heads
         # (the P points of a level share reference and scale) keeps the inner run L*P*2 long.
         # Locations and weights in float32 at least (under autocast too): half precision would
-        # quantize the sampling positions (~0.08 px at W=167). value may stay half on CUDA.
+        # quantize the sampling positions (~0.08 px at W=167). value may stay half on CUDA, and on the
+        # CPU where no gradient is needed (the CPU kernel reads it as stored; its backward is float32).
         loc_dtype = torch.promote_types(torch.promote_types(offsets.dtype, weights.dtype), torch.float32)
-        half_value = value.dtype in (torch.float16, torch.bfloat16) and value.device.type == "cuda"
+        needs_grad = torch.is_grad_enabled() and value.requires_grad
+        half_value = value.dtype in (torch.float16, torch.bfloat16) and (value.device.type == "cuda" or not needs_grad)
         value_dtype = value.dtype if half_value else torch.promote_types(value.dtype, loc_dtype)
         refs = reference_points[:, :, None, :, None, :2]  # (N, Lq, 1, L, 1, 2)
         if reference_points.shape[-1] == 2:

@@ -18,6 +18,7 @@ from .criterion import SetCriterion
 from .decoder import look_forward_twice
 from .denoising import DenoisingQueries, contrastive_denoising, dn_positive_indices
 from .heads import make_box_head, make_class_head, per_layer_heads
+from .inference_precision import cast_inputs_on_entry, cast_module, fold_batch_norms, resolve_inference_dtype
 from .input_projection import InputProjection
 from .matcher import HungarianMatcher
 from .position_encoding import build_position_embedding
@@ -154,6 +155,7 @@ class DinoDetr(nn.Module):
         pixel_mean: List[float],
         pixel_std: List[float],
         compile_backend: str = "",
+        inference_dtype: str = "float32",
     ):
         """
         Args:
@@ -168,6 +170,8 @@ class DinoDetr(nn.Module):
             pixel_mean / pixel_std: input normalization, in the channel order of the input.
             compile_backend: when set, inference runs :meth:`predict_padded` through
                 ``torch.compile(backend=compile_backend, dynamic=True)``; training stays eager.
+            inference_dtype: ``MODEL.DINO.INFERENCE_DTYPE``; anything but "float32" converts the model
+                once, at its first inference call (:meth:`prepare_for_inference`).
         """
         super().__init__()
         self.backbone = backbone
@@ -189,6 +193,9 @@ class DinoDetr(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.compile_backend = compile_backend
+        self.inference_dtype = inference_dtype
+        self.prepared_dtype: Optional[torch.dtype] = None  # set by prepare_for_inference
+        self._has_trained = False
 
     @classmethod
     def from_config(cls, cfg):
@@ -248,6 +255,7 @@ class DinoDetr(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "compile_backend": d.COMPILE,
+            "inference_dtype": d.INFERENCE_DTYPE,
         }
 
     @property
@@ -285,6 +293,19 @@ class DinoDetr(nn.Module):
             training: dict of weighted losses; eval: per image ``{"instances": Instances}`` with
             ``pred_boxes``, ``scores``, ``pred_classes`` in the output resolution.
         """
+        if self.training:
+            if self.prepared_dtype is not None:
+                raise RuntimeError(
+                    f"DinoDetr: this model was converted for {self.prepared_dtype} inference (prepare_for_inference: "
+                    "folded batch norms, cast weights) and cannot be trained; build and load a new model to train"
+                )
+            self._has_trained = True
+        elif self.inference_dtype != "float32" and self.prepared_dtype is None:
+            if self._has_trained:  # evaluation during training keeps the trained weights as they are
+                self.inference_dtype = "float32"
+                logger.info("DinoDetr: MODEL.DINO.INFERENCE_DTYPE is not applied to a model being trained")
+            else:
+                self.prepare_for_inference(self.inference_dtype)
         images = self.preprocess_image(batched_inputs)
         targets = None
         dn = None
@@ -298,6 +319,55 @@ class DinoDetr(nn.Module):
         if self.training:
             return self.losses(outputs, targets, dn)
         return self.inference(outputs, images.image_sizes, batched_inputs)
+
+    @torch.no_grad()
+    def prepare_for_inference(self, dtype="auto", channels_last: bool = True) -> "DinoDetr":
+        """Converts this model, once and in place, for inference in ``dtype`` (a torch dtype or a
+        ``MODEL.DINO.INFERENCE_DTYPE`` name; "auto": bfloat16 where the device computes it natively).
+
+        ``forward`` calls it at the first inference call when ``MODEL.DINO.INFERENCE_DTYPE`` is not
+        "float32", i.e. after the checkpoint is loaded (``DefaultPredictor``, ``--eval-only``); call it
+        yourself for :class:`dino_detr.export.DetectorForExport`. Steps: the backbone's (frozen or eval-mode) batch
+        norms folded into its convolutions; every weight cast to ``dtype`` except the float32 islands, the class
+        and box heads (so box refinement, inverse sigmoid and top-k scores are float32; proposals,
+        reference points and sampling locations are computed in float32 by the modules); the backbone's
+        input cast to ``dtype`` in channels-last memory (``channels_last``).
+
+        The converted model refuses training forwards and ``load_state_dict`` (its parameters are no
+        longer the checkpoint's). Returns ``self``.
+        """
+        if isinstance(dtype, str):
+            dtype = resolve_inference_dtype(dtype, self.device)
+        if self.prepared_dtype is not None:
+            if self.prepared_dtype != dtype:
+                raise RuntimeError(f"DinoDetr: already prepared for {self.prepared_dtype} inference, not {dtype}")
+            return self
+        self.eval()
+        folded = fold_batch_norms(self.backbone)
+        heads = {
+            id(m): m
+            for m in (
+                *self.class_embed,
+                *self.bbox_embed,
+                self.transformer.enc_out_class_embed,
+                self.transformer.enc_out_bbox_embed,
+            )
+        }.values()
+        for part in (self.backbone, self.input_proj, self.position_embedding, self.transformer, self.label_enc):
+            cast_module(part, dtype, keep=heads)
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        cast_inputs_on_entry(self.backbone, dtype, channels_last)
+        cast_inputs_on_entry(self.transformer.decoder.ref_point_head, dtype)
+        for head in heads:
+            cast_inputs_on_entry(head, torch.float32)
+        self.register_load_state_dict_pre_hook(_refuse_loading_prepared_model)
+        self.prepared_dtype = dtype
+        logger.info(
+            f"DinoDetr: prepared for {str(dtype).removeprefix('torch.')} inference ({folded} batch norms folded, "
+            f"class and box heads in float32{', channels-last backbone' if channels_last else ''})"
+        )
+        return self
 
     def contrastive_denoising(self, targets) -> Optional[DenoisingQueries]:
         """Denoising queries of this batch (None when disabled or when it has no box)."""
@@ -388,6 +458,14 @@ class DinoDetr(nn.Module):
             out_w = batched_inputs[i].get("width", w)
             results.append({"instances": detector_postprocess(inst, out_h, out_w)})
         return results
+
+
+def _refuse_loading_prepared_model(module, *args, **kwargs):
+    raise RuntimeError(
+        f"DinoDetr: cannot load weights into a model converted for {module.prepared_dtype} inference (its batch "
+        "norms are folded into the convolutions); load them into a new model, which converts at its first "
+        "inference call"
+    )
 
 
 @functools.cache

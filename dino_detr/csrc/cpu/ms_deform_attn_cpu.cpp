@@ -1,4 +1,6 @@
-// CPU kernels of multi-scale deformable attention (float32, float64).
+// CPU kernels of multi-scale deformable attention: forward for float32, float64 and a float16 /
+// bfloat16 value (read as stored, with float32 locations, weights and accumulation, the result rounded
+// once to value's dtype); backward for float32 and float64.
 //
 // Each sample (query q, head m, level l, point p) is bilinear (ms_deform_attn_sample.h, shared
 // with the CUDA kernels): its four corner weights and offsets are computed once, then reused across the D contiguous channels of value[n, s, m, :],
@@ -9,7 +11,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 
+#include <ATen/OpMathType.h>
+
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../ms_deform_attn.h"
@@ -19,6 +24,14 @@
 #define DINO_DETR_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
 #else
 #define DINO_DETR_MULTIVERSION
+#endif
+
+// The half-value forward also gets an AVX-512 clone (wide bf16/f16 -> f32 conversions); it exists only for
+// those dtypes, so the float32 and float64 results are the same as before it.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DINO_DETR_MULTIVERSION_HALF __attribute__((target_clones("arch=x86-64-v4", "arch=haswell", "default")))
+#else
+#define DINO_DETR_MULTIVERSION_HALF
 #endif
 
 namespace dino_detr {
@@ -56,11 +69,12 @@ std::vector<Level> read_levels(const at::Tensor& spatial_shapes, const at::Tenso
 template <typename T>
 using Bilinear = msda::Bilinear<T>;
 
-template <typename T>
+// T: value's dtype; A: the dtype of locations, weights and the arithmetic (T, or float for a half T).
+template <typename T, typename A = T>
 struct Problem {
   const T* value;
-  const T* locations;
-  const T* weights;
+  const A* locations;
+  const A* weights;
   const Level* levels;
   MSDASizes s;
 };
@@ -68,8 +82,8 @@ struct Problem {
 // Issues prefetches for the D channels of a sample's corners (kWrite: for a read-modify-write).
 // The samples of one (query, head) are independent random reads; prefetching all of them
 // before using any keeps many cache misses in flight instead of one at a time.
-template <int kWrite, typename T>
-inline void prefetch_corners(const Bilinear<T>& b, const T* base, int64_t D) {
+template <int kWrite, typename A, typename T>
+inline void prefetch_corners(const Bilinear<A>& b, const T* base, int64_t D) {
   constexpr int64_t kLine = 64 / sizeof(T);
   for (int c = 0; c < 4; ++c) {
     if (!b.valid[c]) continue;
@@ -78,52 +92,76 @@ inline void prefetch_corners(const Bilinear<T>& b, const T* base, int64_t D) {
 }
 
 // Output rows [begin, end) of the flattened (N * Lq) query axis. kD > 0 fixes D at compile time.
-template <typename T, int kD>
-DINO_DETR_MULTIVERSION void forward_rows(const Problem<T>& pb, T* out, int64_t begin, int64_t end) {
+// Sums in A: directly in the output row when T == A, else in a row of A rounded once to T at the end.
+template <typename T, typename A, int kD>
+inline void forward_rows_impl(const Problem<T, A>& pb, T* out, int64_t begin, int64_t end) {
   const MSDASizes& s = pb.s;
   const int64_t D = kD > 0 ? kD : s.channels;
   const int64_t stride = s.heads * D;  // between two spatial positions of one head
   const int64_t samples = s.levels * s.points;
-  std::vector<Bilinear<T>> bilinear(samples);
+  std::vector<Bilinear<A>> bilinear(samples);
   std::vector<char> touches(samples);
+  std::vector<A> row_acc(std::is_same<T, A>::value ? 0 : D);
   for (int64_t row = begin; row < end; ++row) {
     const T* value_n = pb.value + (row / s.queries) * s.spatial * stride;
     for (int64_t m = 0; m < s.heads; ++m) {
       const int64_t qm = row * s.heads + m;
-      const T* loc = pb.locations + qm * samples * 2;
-      const T* attn = pb.weights + qm * samples;
+      const A* loc = pb.locations + qm * samples * 2;
+      const A* attn = pb.weights + qm * samples;
       for (int64_t i = 0; i < samples; ++i) {
         const Level& level = pb.levels[i / s.points];
         touches[i] = bilinear[i].init(loc[2 * i], loc[2 * i + 1], level.height, level.width, stride);
         if (touches[i]) prefetch_corners<0>(bilinear[i], value_n + level.start * stride + m * D, D);
       }
-      T* __restrict__ acc = out + qm * D;
-      for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
+      A* __restrict__ acc;
+      if constexpr (std::is_same<T, A>::value) {
+        acc = out + qm * D;
+      } else {
+        acc = row_acc.data();
+      }
+      for (int64_t d = 0; d < D; ++d) acc[d] = A(0);
       for (int64_t i = 0; i < samples; ++i) {
         if (!touches[i]) continue;
-        const Bilinear<T>& b = bilinear[i];
+        const Bilinear<A>& b = bilinear[i];
         const T* value_l = value_n + pb.levels[i / s.points].start * stride + m * D;
-        const T a = attn[i];
+        const A a = attn[i];
         if (b.all_valid) {
-          const T w0 = a * b.weight[0], w1 = a * b.weight[1], w2 = a * b.weight[2], w3 = a * b.weight[3];
+          const A w0 = a * b.weight[0], w1 = a * b.weight[1], w2 = a * b.weight[2], w3 = a * b.weight[3];
           const T* __restrict__ v0 = value_l + b.offset[0];
           const T* __restrict__ v1 = value_l + b.offset[1];
           const T* __restrict__ v2 = value_l + b.offset[2];
           const T* __restrict__ v3 = value_l + b.offset[3];
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc[d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d];
+          for (int64_t d = 0; d < D; ++d) {
+            acc[d] += w0 * static_cast<A>(v0[d]) + w1 * static_cast<A>(v1[d]) + w2 * static_cast<A>(v2[d]) +
+                      w3 * static_cast<A>(v3[d]);
+          }
         } else {
           for (int c = 0; c < 4; ++c) {
             if (!b.valid[c]) continue;
-            const T w = a * b.weight[c];
+            const A w = a * b.weight[c];
             const T* __restrict__ v = value_l + b.offset[c];
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) acc[d] += w * v[d];
+            for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<A>(v[d]);
           }
         }
       }
+      if constexpr (!std::is_same<T, A>::value) {
+        T* __restrict__ o = out + qm * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d]);
+      }
     }
   }
+}
+
+template <typename T, int kD>
+DINO_DETR_MULTIVERSION void forward_rows(const Problem<T>& pb, T* out, int64_t begin, int64_t end) {
+  forward_rows_impl<T, T, kD>(pb, out, begin, end);
+}
+
+template <typename T, int kD>
+DINO_DETR_MULTIVERSION_HALF void forward_rows_half(const Problem<T, float>& pb, T* out, int64_t begin, int64_t end) {
+  forward_rows_impl<T, float, kD>(pb, out, begin, end);
 }
 
 // Gradients of batch n, head m (the (n, m) slice is owned by the calling thread).
@@ -218,9 +256,20 @@ void dispatch_channels(int64_t channels, const Fn& fn) {
   }
 }
 
-void check_cpu(const at::Tensor& value) {
-  TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble, "ms_deform_attn: ",
-                   dtype_name(value.scalar_type()), " is supported on CUDA only; use float32 or float64 on the CPU");
+// The backward on the CPU: float32 and float64 (a half value is an inference-only input here).
+void check_cpu_backward(const at::Tensor& value) {
+  TORCH_CHECK_TYPE(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
+                   "ms_deform_attn_backward: a ", dtype_name(value.scalar_type()),
+                   " value has no gradient on the CPU (its forward is for inference); use float32 or float64 "
+                   "for training on the CPU");
+}
+
+// Rows [0, N * Lq) in parallel; about 32k multiply-adds per task.
+template <typename Fn>
+void parallel_rows(const MSDASizes& s, const Fn& fn) {
+  const int64_t work_per_row = std::max<int64_t>(1, s.heads * s.levels * s.points * s.channels);
+  const int64_t grain = std::max<int64_t>(1, 32768 / work_per_row);
+  at::parallel_for(0, s.batch * s.queries, grain, fn);
 }
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -228,18 +277,32 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
                               const at::Tensor& attention_weights) {
   const MSDASizes s =
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_cpu(value);
   const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index, s.spatial);
   at::Tensor out = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
-    const Problem<scalar_t> pb{value.data_ptr<scalar_t>(), sampling_locations.data_ptr<scalar_t>(),
-                               attention_weights.data_ptr<scalar_t>(), levels.data(), s};
+  if (value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble) {
+    AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
+      const Problem<scalar_t> pb{value.data_ptr<scalar_t>(), sampling_locations.data_ptr<scalar_t>(),
+                                 attention_weights.data_ptr<scalar_t>(), levels.data(), s};
+      scalar_t* out_ptr = out.data_ptr<scalar_t>();
+      dispatch_channels(s.channels, [&](auto kD) {
+        parallel_rows(s, [&](int64_t begin, int64_t end) {
+          forward_rows<scalar_t, decltype(kD)::value>(pb, out_ptr, begin, end);
+        });
+      });
+    });
+    return out;
+  }
+  // A float16 / bfloat16 value is read as stored; locations and weights in float32 (the rare half ones
+  // are widened once: sampling positions are computed in float32 either way).
+  const at::Tensor loc = sampling_locations.to(at::kFloat);
+  const at::Tensor attn = attention_weights.to(at::kFloat);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu_half", [&] {
+    const Problem<scalar_t, float> pb{value.data_ptr<scalar_t>(), loc.data_ptr<float>(), attn.data_ptr<float>(),
+                                      levels.data(), s};
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    const int64_t work_per_row = std::max<int64_t>(1, s.heads * s.levels * s.points * s.channels);
-    const int64_t grain = std::max<int64_t>(1, 32768 / work_per_row);
     dispatch_channels(s.channels, [&](auto kD) {
-      at::parallel_for(0, s.batch * s.queries, grain, [&](int64_t begin, int64_t end) {
-        forward_rows<scalar_t, decltype(kD)::value>(pb, out_ptr, begin, end);
+      parallel_rows(s, [&](int64_t begin, int64_t end) {
+        forward_rows_half<scalar_t, decltype(kD)::value>(pb, out_ptr, begin, end);
       });
     });
   });
@@ -251,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   const MSDASizes s =
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_cpu(value);
+  check_cpu_backward(value);
   check_grad_output(grad_output, value, s);
   const std::vector<Level> levels = read_levels(spatial_shapes, level_start_index, s.spatial);
   at::Tensor grad_value = at::zeros_like(value);
