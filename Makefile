@@ -36,14 +36,18 @@ EXT := dino_detr/_C$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_c
 
 # The CUDA kernels compiled for the host (tests/cuda_emulation/): optimized, and with ASan + UBSan.
 CUDA_EMU := build/cuda_emu/base/libmsda_emu.so build/cuda_emu/asan/libmsda_emu.so
+# What a bare GPU machine without network lacks (tools/gpu_bundle.py).
+GPU_BUNDLE := build/gpu_bundle
 CUDA_EMU_TESTS := tests/test_ms_deform_attn_cuda.py tests/test_ms_deform_attn_cuda_emulation.py
 
 .PHONY: demo test lint gpu-check gpu-bundle gpu-rehearsal setup clean cuda-emulation
 demo: setup
 	$(PY) tools/run_demo.py
 
-test: setup $(CUDA_EMU)
-	DINO_DETR_REQUIRE_EXT=1 DINO_DETR_REQUIRE_CUDA_EMU=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+# The GPU bundle is made too (a few MiB from PyPI): its integrity and imports are tested here, the full
+# Python 3.12 + torch 2.11 rehearsal (~3 GB of wheels, a CUDA build) only by `make gpu-rehearsal`.
+test: setup $(CUDA_EMU) $(GPU_BUNDLE)/MANIFEST.json
+	DINO_DETR_REQUIRE_EXT=1 DINO_DETR_REQUIRE_CUDA_EMU=1 DINO_DETR_REQUIRE_BUNDLE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 	DINO_DETR_REQUIRE_CUDA_EMU=1 DINO_DETR_CUDA_EMU=$(word 2,$(CUDA_EMU)) ASAN_OPTIONS=detect_leaks=0 \
 	  LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	  $(PY) -m pytest -q -p no:cacheprovider $(CUDA_EMU_TESTS) -k "not gpu and not agree and not half_precision_against"
@@ -62,7 +66,6 @@ gpu-check: $(VENV)/.deps $(VENV)/.detectron2
 	$(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 # The bundle for a bare GPU machine (Python 3.12, torch 2.11, no network): locked wheels + Detectron2's sources.
-GPU_BUNDLE := build/gpu_bundle
 gpu-bundle: $(GPU_BUNDLE)/MANIFEST.json
 $(GPU_BUNDLE)/MANIFEST.json: tools/gpu_bundle.py tools/gpu_bundle.lock tools/install_detectron2.py $(VENV)/.deps
 	$(PY) tools/gpu_bundle.py --dir $(GPU_BUNDLE)
