@@ -28,6 +28,8 @@ import argparse
 import json
 import os
 import re
+import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -52,7 +54,9 @@ BUDGET = 480  # the target: the whole check in 8 minutes on one H100
 # Seconds each step takes on one H100 (16 cores), estimated without one (DEVELOPERS.md "GPU check" says
 # how): what --budget plans with. Steps not named here take ESTIMATES["msda"].
 ESTIMATES = {
-    "build": 75,  # the longest compile (nvcc, one architecture) measured here, +50% for linking and ninja
+    # Its 4 files compile in parallel; the two longest took 36 s of CPU each here against torch 2.11
+    # (ms_deform_attn_cuda.cu for 9.0, ms_deform_attn_cpu.cpp); + link, setup.py's start and a margin.
+    "build": 60,
     "kernel-image": 8,  # interpreter, torch import, CUDA context
     "tests": 45,  # the op's test files on the CPU here (~40 s, 2 cores) minus the CPU work, plus a 10 s start
     "msda": 20,  # per dtype and case: 4 fresh processes (native/reference x forward/backward) at ~4 s each
@@ -151,7 +155,7 @@ def plan(out_dir: Path, demo_iters: int, arch: str = DRY_RUN_ARCH) -> list:
                 ],
             }
         )
-    output = out_dir / "demo"
+    output = REPO / "output" / "gpu_check" / "demo"  # its checkpoint and visualizations stay out of results/
     steps.append(
         {
             "name": "demo",
@@ -183,12 +187,17 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_step(step: dict, log_path: Path, live_log: Optional[Path] = None) -> dict:
     """Runs a step, its output into ``live_log`` while it runs (e.g. $OUT/running.log, so a run cut off
     keeps it) and then ``log_path``; returns its record."""
     env = {**os.environ, **step.get("env", {})}
     live = live_log or log_path
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu_seconds()
     with open(live, "w") as log:
         log.write("$ " + " ".join(step["argv"]) + "\n")
         log.flush()
@@ -204,6 +213,7 @@ def run_step(step: dict, log_path: Path, live_log: Optional[Path] = None) -> dic
         "command": " ".join(step["argv"]),
         "returncode": rc,
         "seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(_children_cpu_seconds() - cpu, 1),  # of its processes, all cores together
         "estimate_s": estimate(step["name"]),
         "log": _shown(log_path),
     }
@@ -377,7 +387,7 @@ def main(argv=None):
             for rest, reason in select(steps, args.budget)[n:]:
                 env = " ".join(f"{k}={v}" for k, v in rest.get("env", {}).items() if k != "PATH")
                 fits = f"left out: {reason}" if reason else f"~{estimate(rest['name'])} s"
-                print(f"  {rest['name']} ({fits}): {env + ' ' if env else ''}{' '.join(rest['argv'])}")
+                print(f"  {rest['name']} ({fits}): {env + ' ' if env else ''}{shlex.join(rest['argv'])}")
             break
         if left_out:
             print(f"[gpu-check] {step['name']}: left out ({left_out})", flush=True)
