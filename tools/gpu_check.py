@@ -317,17 +317,21 @@ def gpu_description(dry_run: bool = False) -> dict:
     }
 
 
+def left_out(name: str, left: float, budget: float) -> Optional[str]:
+    """Why step ``name`` is left out with ``left`` of ``budget`` seconds, or None when it fits."""
+    cost = estimate(name)
+    return f"estimate {cost} s > {left:.0f} s left of --budget {budget:.0f}" if cost > left else None
+
+
 def select(steps: list, budget: float) -> list:
-    """(step, reason it is left out or None) for each step: in order, a step whose estimate would not fit
-    in what is left of ``budget`` seconds is left out and the later, maybe smaller, ones are tried."""
+    """The plan by the estimates alone: (step, reason it is left out or None) for each step; in order, a
+    step that would not fit in what is left is left out and the later, maybe smaller, ones are tried.
+    A run decides the same way with the time really left before each step."""
     left, chosen = budget, []
     for step in steps:
-        cost = estimate(step["name"])
-        if cost > left:
-            chosen.append((step, f"estimate {cost} s > {left:.0f} s left of --budget {budget:.0f}"))
-        else:
-            left -= cost
-            chosen.append((step, None))
+        reason = left_out(step["name"], left, budget)
+        left -= 0 if reason else estimate(step["name"])
+        chosen.append((step, reason))
     return chosen
 
 
@@ -381,17 +385,20 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "python tools/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = Results({**machine, "command": command, "steps": []}, out_dir, slug, os.environ.get("OUT"))
-    for n, (step, left_out) in enumerate(select(steps, args.budget)):
+    start = time.perf_counter()
+    for n, step in enumerate(steps):
         if args.dry_run and not step.get("cpu_only"):
             print(f"[gpu-check] dry run: stops before {step['name']}, the first step that needs the GPU; the rest:")
-            for rest, reason in select(steps, args.budget)[n:]:
+            left = args.budget - (time.perf_counter() - start)
+            for rest, reason in select(steps[n:], left):
                 env = " ".join(f"{k}={v}" for k, v in rest.get("env", {}).items() if k != "PATH")
                 fits = f"left out: {reason}" if reason else f"~{estimate(rest['name'])} s"
                 print(f"  {rest['name']} ({fits}): {env + ' ' if env else ''}{shlex.join(rest['argv'])}")
             break
-        if left_out:
-            print(f"[gpu-check] {step['name']}: left out ({left_out})", flush=True)
-            results.add({"name": step["name"], "skipped": left_out, "estimate_s": estimate(step["name"])})
+        reason = left_out(step["name"], args.budget - (time.perf_counter() - start), args.budget)
+        if reason:
+            print(f"[gpu-check] {step['name']}: left out ({reason})", flush=True)
+            results.add({"name": step["name"], "skipped": reason, "estimate_s": estimate(step["name"])})
             continue
         print(f"[gpu-check] {step['name']} (~{estimate(step['name'])} s) ...", flush=True)
         record = run_step(step, out_dir / f"{step['name']}.log", results.live_log)
