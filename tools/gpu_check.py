@@ -58,7 +58,7 @@ ESTIMATES = {
     # (ms_deform_attn_cuda.cu for 9.0, ms_deform_attn_cpu.cpp); + link, setup.py's start and a margin.
     "build": 60,
     "kernel-image": 8,  # interpreter, torch import, CUDA context
-    "tests": 45,  # the op's test files on the CPU here (~40 s, 2 cores) minus the CPU work, plus a 10 s start
+    "tests": 45,  # these files took 25 s of CPU here (their CPU work runs there too), + CUDA start, GPU cases
     "msda": 20,  # per dtype and case: 4 fresh processes (native/reference x forward/backward) at ~4 s each
     "model-fp32": 40,  # model build + 23 inference and 13 training iterations of R50 at 800x1333 (~0.1-0.4 s)
     "model-bf16": 35,
