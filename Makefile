@@ -4,6 +4,8 @@
 # Both are fast the second time: each setup step is skipped while its inputs are unchanged.
 #   make gpu-check   on a machine with an NVIDIA GPU: rebuild for it, GPU tests (+ compute-sanitizer),
 #                    kernel and model benchmarks, demo training; numbers in projects/dino_detr/results/
+#   make gpu-bundle  what a bare GPU machine without network lacks (build/gpu_bundle; DEVELOPERS.md "GPU check")
+#   make gpu-rehearsal  that machine's Python 3.12 + torch 2.11 rehearsed here without a GPU
 
 PYTHON ?= python3
 VENV   := .venv
@@ -34,14 +36,18 @@ EXT := dino_detr/_C$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_c
 
 # The CUDA kernels compiled for the host (tests/cuda_emulation/): optimized, and with ASan + UBSan.
 CUDA_EMU := build/cuda_emu/base/libmsda_emu.so build/cuda_emu/asan/libmsda_emu.so
+# What a bare GPU machine without network lacks (tools/gpu_bundle.py).
+GPU_BUNDLE := build/gpu_bundle
 CUDA_EMU_TESTS := tests/test_ms_deform_attn_cuda.py tests/test_ms_deform_attn_cuda_emulation.py
 
-.PHONY: demo test lint gpu-check setup clean cuda-emulation
+.PHONY: demo test lint gpu-check gpu-bundle gpu-rehearsal setup clean cuda-emulation
 demo: setup
 	$(PY) tools/run_demo.py
 
-test: setup $(CUDA_EMU)
-	DINO_DETR_REQUIRE_EXT=1 DINO_DETR_REQUIRE_CUDA_EMU=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+# The GPU bundle is made too (a few MiB from PyPI): its integrity and imports are tested here, the full
+# Python 3.12 + torch 2.11 rehearsal (~3 GB of wheels, a CUDA build) only by `make gpu-rehearsal`.
+test: setup $(CUDA_EMU) $(GPU_BUNDLE)/MANIFEST.json
+	DINO_DETR_REQUIRE_EXT=1 DINO_DETR_REQUIRE_CUDA_EMU=1 DINO_DETR_REQUIRE_BUNDLE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 	DINO_DETR_REQUIRE_CUDA_EMU=1 DINO_DETR_CUDA_EMU=$(word 2,$(CUDA_EMU)) ASAN_OPTIONS=detect_leaks=0 \
 	  LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	  $(PY) -m pytest -q -p no:cacheprovider $(CUDA_EMU_TESTS) -k "not gpu and not agree and not half_precision_against"
@@ -58,6 +64,30 @@ lint: $(VENV)/.deps
 # tools/gpu_check.py rebuilds dino_detr._C for the GPU present itself.
 gpu-check: $(VENV)/.deps $(VENV)/.detectron2
 	$(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The bundle for a bare GPU machine (Python 3.12, torch 2.11, no network): locked wheels + Detectron2's sources.
+gpu-bundle: $(GPU_BUNDLE)/MANIFEST.json
+$(GPU_BUNDLE)/MANIFEST.json: tools/gpu_bundle.py tools/gpu_bundle.lock tools/install_detectron2.py $(VENV)/.deps
+	$(PY) tools/gpu_bundle.py --dir $(GPU_BUNDLE)
+
+# That machine rehearsed without a GPU: a Python 3.12 venv outside the repo (kept between runs: torch's CUDA
+# wheels are ~3 GB) with torch 2.11.0 / torchvision 0.26.0 and requirements.txt's pins of what the machine's
+# image has; then tools/gpu_check_offline.sh (the GPU command's script) installs the bundle with --no-index,
+# builds dino_detr._C against torch 2.11 (C++ and CUDA) in its dry run, and runs the op, model and training tests.
+REHEARSAL_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+REHEARSAL_VENV ?= $(HOME)/.cache/dino_detr/rehearsal-py312-torch2.11
+REHEARSAL_TESTS ?= tests/test_ms_deform_attn.py tests/test_model.py tests/test_train.py
+gpu-rehearsal: $(GPU_BUNDLE)/MANIFEST.json $(REHEARSAL_VENV)/.image
+	PYTHON=$(REHEARSAL_VENV)/bin/python tools/gpu_check_offline.sh --dry-run --results build/gpu_rehearsal
+	PYTHON=$(REHEARSAL_VENV)/bin/python DINO_DETR_REQUIRE_EXT=1 tools/gpu_check_offline.sh --run \
+	  $(REHEARSAL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(REHEARSAL_TESTS) $(PYTEST_ARGS)
+
+$(REHEARSAL_VENV)/.image: requirements.txt tools/gpu_bundle.py
+	test -x $(REHEARSAL_VENV)/bin/python || $(REHEARSAL_PYTHON) -m venv $(REHEARSAL_VENV)
+	$(REHEARSAL_VENV)/bin/python tools/gpu_bundle.py --image-requirements > $(REHEARSAL_VENV)/image-requirements.txt
+	$(REHEARSAL_VENV)/bin/python -m pip install -q torch==2.11.0 torchvision==0.26.0 \
+	  -r $(REHEARSAL_VENV)/image-requirements.txt
+	touch $@
 
 setup: $(VENV)/.deps $(VENV)/.detectron2 $(EXT)
 

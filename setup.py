@@ -9,6 +9,9 @@ Turing (7.5) to Blackwell, with PTX for the newest. MAX_JOBS (parallel compile j
 also nvcc's threads per file) and CUDA_HOME are torch's: set them to override its defaults.
 
     pip install --no-build-isolation --no-deps -e .
+
+Supported: torch 2.11 to 2.14 (and their torchvision), Python 3.11 and 3.12 (requirements.txt); tested with
+torch 2.14.1 (CI) and torch 2.11.0 on Python 3.12, the GPU machines' image (`make gpu-rehearsal`).
 """
 
 import glob

@@ -104,3 +104,18 @@ def test_pip_failure_and_unsafe_members_are_clear_errors(tool, tmp_path, monkeyp
     with pytest.raises(SystemExit, match="outside the package"):
         tool.extract_package(str(evil), str(tmp_path / "site" / "detectron2"))
     assert not (tmp_path / "escaped.py").exists()
+
+
+def test_install_replaces_image_linear_gone_in_pillow_10(tool, tmp_path, monkeypatch):
+    """v0.6's one use of Image.LINEAR (a default argument: importing detectron2.data fails on Pillow >= 10,
+    the only Pillow for Python 3.12) becomes Image.BILINEAR, the same constant; an install is fixed once."""
+    source = b"from PIL import Image\n\n\nclass T:\n    def __init__(self, r, s, interp=Image.LINEAR, fill=0):\n"
+    sdist = tmp_path / "src" / tool.SDIST_FILE
+    sdist.parent.mkdir()
+    extra = {f"pb1-detectron2-0.6/detectron2/{tool.PILLOW_10_FILE}": source}
+    monkeypatch.setattr(tool, "SDIST_SHA256", _fake_sdist(sdist, extra))
+    package = Path(tool.install_package(str(sdist), str(tmp_path / "site")))
+    fixed = (package / tool.PILLOW_10_FILE).read_text()
+    assert fixed == source.decode().replace("interp=Image.LINEAR,", "interp=Image.BILINEAR,")
+    assert not tool.fix_for_pillow_10(str(package))  # already fixed: unchanged
+    assert tool.is_offline_install(str(package))

@@ -133,6 +133,7 @@ def benchmark(args):
     # Same allocator setting for every model and both MSDA implementations (see cpu_allocator.py).
     allocator_tuned = args.device == "cpu" and reuse_freed_cpu_memory()
     device = torch.device(args.device)
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     cfg, config_file = load_cfg(args.config_file, args.device, args.opts)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -146,6 +147,7 @@ def benchmark(args):
         "device": args.device,
         "torch": torch.__version__,
         "amp": args.amp,
+        "amp_dtype": args.amp_dtype,
         "threads": torch.get_num_threads(),
         "cpu_allocator_reuse": allocator_tuned,
         "input": [h, w],
@@ -154,7 +156,7 @@ def benchmark(args):
     }
     inputs = make_inputs(h, w, device, with_targets=False)
     if not args.backends_only:
-        result["inference"] = measure_inference(model, inputs, args.warmup, args.repeats, args.amp)
+        result["inference"] = measure_inference(model, inputs, args.warmup, args.repeats, args.amp, amp_dtype)
     if args.backends:
         if cfg.MODEL.META_ARCHITECTURE != "DinoDetr" or args.device != "cpu":
             raise SystemExit("--backends: DINO configs on the CPU only")
@@ -163,13 +165,15 @@ def benchmark(args):
         if not any(isinstance(m, MSDeformAttn) for m in model.modules()):
             raise SystemExit("--compare-reference: this model does not use dino_detr's MSDA op")
         with use_reference_implementation():
-            ref = measure_inference(model, inputs, args.warmup, args.repeats, args.amp)
+            ref = measure_inference(model, inputs, args.warmup, args.repeats, args.amp, amp_dtype)
         result["inference_reference_msda"] = ref
         result["speedup_vs_reference_msda"] = ref["latency_s"] / result["inference"]["latency_s"]
     if args.train:
         train_inputs = make_inputs(h, w, device, with_targets=True, num_classes=num_classes(cfg)) * args.train_batch
         result["train_batch"] = args.train_batch
-        result["training"] = measure_training(model, train_inputs, args.warmup, max(1, args.repeats // 2), args.amp)
+        result["training"] = measure_training(
+            model, train_inputs, args.warmup, max(1, args.repeats // 2), args.amp, amp_dtype
+        )
     # Counted last: on the CPU the heap keeps what the tracer allocated (see cpu_allocator.py),
     # which would otherwise show up in the peak memory measured after it.
     if not args.no_flops:
@@ -280,7 +284,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA)")
+    parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA unless --amp-dtype)")
+    parser.add_argument("--amp-dtype", choices=["float16", "bfloat16"], help="autocast's dtype with --amp")
     parser.add_argument("--train", action="store_true", help="also time training iterations")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--no-flops", action="store_true")

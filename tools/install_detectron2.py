@@ -6,8 +6,9 @@ way), nothing is done. Otherwise pip downloads the sdist ``pb1-detectron2==0.6``
 Python sources exactly, without its C++ sources) from your configured index (``pip config``,
 ``PIP_INDEX_URL``, proxies and mirrors apply), the archive is checked against its pinned SHA-256,
 and its ``detectron2/`` package copied into site-packages together with a placeholder
-``detectron2._C`` that raises a clear error if one of Detectron2's own C++ ops is ever called.
-DINO needs none of them.
+``detectron2._C`` that raises a clear error if one of Detectron2's own C++ ops is ever called
+(DINO needs none of them), and v0.6's one use of ``Image.LINEAR`` (gone in Pillow 10, the only Pillow
+with wheels for Python 3.12) replaced by the same constant's other name, ``Image.BILINEAR``, as upstream did.
 """
 
 import argparse
@@ -25,6 +26,11 @@ SDIST_REQUIREMENT = "pb1-detectron2==0.6"
 SDIST_FILE = "pb1-detectron2-0.6.tar.gz"
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 PACKAGE_PREFIX = "pb1-detectron2-0.6/detectron2/"
+
+# The one line of v0.6 that newer Pillow breaks (see fix_for_pillow_10).
+PILLOW_10_FILE = "data/transforms/transform.py"
+PILLOW_10_OLD = "interp=Image.LINEAR,"
+PILLOW_10_NEW = "interp=Image.BILINEAR,"
 
 PLACEHOLDER_MARK = "Written by dino_detr's tools/install_detectron2.py."
 PLACEHOLDER_C = '''"""Placeholder for Detectron2's compiled ops, which this offline install does not build.
@@ -134,17 +140,51 @@ def extract_package(sdist: str, target: str) -> int:
     return count
 
 
-def install(cache_dir: str, site_packages: str) -> None:
-    sdist = fetch_sdist(cache_dir)
+def install_package(sdist: str, site_packages: str) -> str:
+    """Detectron2's ``detectron2/`` from the verified ``sdist`` into ``site_packages``, with the
+    placeholder ``_C`` and the Pillow fix; returns the package's folder. Used by this script and by
+    tools/gpu_bundle.py (the bundle for a GPU machine without network)."""
     target = os.path.join(site_packages, "detectron2")
     extract_package(sdist, target)
     write_placeholder(target)
+    fix_for_pillow_10(target)
+    return target
+
+
+def install(cache_dir: str, site_packages: str) -> None:
+    target = install_package(fetch_sdist(cache_dir), site_packages)
     print(f"Installed Detectron2 v0.6 (Python sources, no C++ ops) into {target}")
+
+
+def fix_for_pillow_10(package_dir) -> bool:
+    """v0.6 names ``Image.LINEAR`` as a default argument (data/transforms/transform.py), which Pillow 10
+    removed: importing ``detectron2.data`` fails there, and Pillow < 10 has no wheels for Python 3.12.
+    Upstream Detectron2 (main) writes ``Image.BILINEAR``, the same constant (2) in every Pillow; so does
+    this. Returns whether the file changed."""
+    path = os.path.join(package_dir, *PILLOW_10_FILE.split("/"))
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        source = f.read()
+    if PILLOW_10_OLD not in source:
+        return False
+    with open(path, "w") as f:
+        f.write(source.replace(PILLOW_10_OLD, PILLOW_10_NEW))
+    return True
 
 
 def write_placeholder(package_dir):
     with open(os.path.join(package_dir, "_C.py"), "w") as f:
         f.write(PLACEHOLDER_C)
+
+
+def is_offline_install(package_dir) -> bool:
+    """Whether ``package_dir`` was installed by this script (its ``_C.py`` is the placeholder)."""
+    path = os.path.join(package_dir, "_C.py")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return PLACEHOLDER_MARK in f.read()
 
 
 def refresh_placeholder(package_dir) -> bool:
@@ -171,6 +211,8 @@ def main(argv=None):
         print(f"detectron2 {detectron2.__version__} already importable from {detectron2.__path__[0]}")
         if refresh_placeholder(detectron2.__path__[0]):
             print("updated its placeholder detectron2._C")
+        if is_offline_install(detectron2.__path__[0]) and fix_for_pillow_10(detectron2.__path__[0]):
+            print(f"replaced Image.LINEAR (gone in Pillow 10) by Image.BILINEAR in its {PILLOW_10_FILE}")
         return
     install(args.cache_dir, sysconfig.get_paths()["purelib"])
 

@@ -61,8 +61,9 @@ def _timed(fn, device, warmup, repeats):
     return times
 
 
-def measure_inference(model, inputs, warmup=1, repeats=5, amp=False):
+def measure_inference(model, inputs, warmup=1, repeats=5, amp=False, amp_dtype=None):
     """Median latency (s) of ``model(inputs)`` in eval mode under no_grad, and peak memory (MiB).
+    ``amp``: under autocast to ``amp_dtype`` (None: autocast's default for the device).
 
     On CUDA the memory is ``max_memory_allocated`` during the calls; on the CPU it is the peak resident
     set size of the whole process during the calls (weights and Python included), the number a user sees.
@@ -72,7 +73,7 @@ def measure_inference(model, inputs, warmup=1, repeats=5, amp=False):
     reset_peak_memory(device)
 
     def step():
-        with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             model(inputs)
 
     times = _timed(step, device, warmup, repeats)
@@ -92,8 +93,9 @@ def measure_call(fn, args, device, warmup=1, repeats=5):
     return {"latency_s": statistics.median(times), "latency_all_s": times, "peak_mem_mib": _peak_mib(device)}
 
 
-def measure_training(model, inputs, warmup=1, repeats=3, amp=False):
+def measure_training(model, inputs, warmup=1, repeats=3, amp=False, amp_dtype=None):
     """Median time (s) of one training iteration (forward, backward, AdamW step) and peak memory (MiB).
+    ``amp`` as in :func:`measure_inference`; a grad scaler unless it is bfloat16.
 
     Args:
         inputs: list of dicts with "image" and "instances" (ground truth), as a Detectron2 train loader gives.
@@ -101,11 +103,11 @@ def measure_training(model, inputs, warmup=1, repeats=3, amp=False):
     device = next(model.parameters()).device
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype != torch.bfloat16)
     reset_peak_memory(device)
 
     def step():
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             losses = sum(model(inputs).values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses).backward()
