@@ -46,6 +46,9 @@ SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
 # reference, and bfloat16 against float32 (each kernel's launch code and both value types).
 SANITIZER_TESTS = "gpu and (reference_float64 and gpu-0 or half_precision and gpu-same-dtype1)"
 DRY_RUN_ARCH = "9.0"  # the H100 / H200 the machines have
+# The original Deformable-DETR op as the kernels' peer, when a checkout's models/ops was carried here
+# (fetched by hand into the ignored build/peer/, never committed; see DEVELOPERS.md).
+PEER_OPS = REPO / "build" / "peer" / "models" / "ops"
 KERNEL_IMAGE = (
     "import torch; from dino_detr.layers.cuda_arch import check_kernel_image; "
     "check_kernel_image(torch.device('cuda')); print(torch.ops.dino_detr.cuda_arch_list())"
@@ -119,7 +122,10 @@ def msda_step(out_dir: Path, dtype: str, case: str, batch: int) -> dict:
         *(sys.executable, "tools/benchmark_ms_deform_attn.py", "--device", "cuda", "--dtype", dtype),
         *("--size", *IMAGE, "--cases", case, "--batches", str(batch), "--repeats", "100", "--threads", "1"),
         *("--json", str(out_dir / f"{name}.json"), "--markdown", str(out_dir / f"{name}.md")),
+        *("--variants", "all"),
     ]
+    if dtype == "float32" and PEER_OPS.is_dir():  # the peer op is float32 only
+        argv += ["--peer-src", str(PEER_OPS)]
     return {"name": name, "result": str(out_dir / f"{name}.json"), "argv": argv}
 
 
