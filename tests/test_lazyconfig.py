@@ -10,6 +10,7 @@ from detectron2.utils.env import seed_all_rng
 
 from dino_detr import DinoDetr, get_dino_cfg
 from dino_detr.compat import has_fast_coco_eval
+from dino_detr.engine import add_full_model_clipping
 
 import lazyconfig_train_net
 from train_utils import REPO, ci_dataset
@@ -69,6 +70,24 @@ def test_lazy_config_evaluator_uses_the_fast_coco_eval_when_detectron2_has_it():
     cfg = LazyConfig.load(str(REPO / "configs" / "dino_demo.py"))
     assert cfg.dataloader.evaluator._target_ is COCOEvaluator
     assert cfg.dataloader.evaluator.use_fast_impl == has_fast_coco_eval()
+
+
+def test_full_model_clipping_of_an_instantiated_optimizer():
+    """train.clip_grad: all gradients scaled together to max_norm; a non-finite norm stops before the step."""
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = add_full_model_clipping(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=0.1)
+    assert isinstance(optimizer, torch.optim.SGD)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # total L2 norm sqrt(8)
+    optimizer.step()
+    for p, b in zip(model.parameters(), before):
+        torch.testing.assert_close(b - p.detach(), torch.full_like(b, 0.1 / 8**0.5))
+    model.weight.grad[0, 0] = float("nan")
+    after = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="Non-finite gradient norm"):
+        optimizer.step()
+    assert all(torch.equal(p, a) for p, a in zip(model.parameters(), after))
 
 
 def _run_tool(*args):
