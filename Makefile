@@ -54,9 +54,12 @@ test: setup $(CUDA_EMU)
 # C++ ops are built for the CPU (and CUDA when a GPU is present). dino_detr comes from this checkout.
 D2_VENV ?= build/d2-venv
 D2_PY := $(D2_VENV)/bin/python
+ifneq ($(filter test-d2-main,$(MAKECMDGOALS)),)
+ifeq ($(and $(wildcard $(D2_SRC)/setup.py),$(wildcard $(D2_SRC)/detectron2/__init__.py)),)
+$(error make test-d2-main D2_SRC=path/to/detectron2: D2_SRC must be a Detectron2 source checkout (DEVELOPERS.md))
+endif
+endif
 test-d2-main: setup $(word 1,$(CUDA_EMU))
-	@test -f "$(D2_SRC)/setup.py" -a -d "$(D2_SRC)/detectron2" || \
-	  { echo "usage: make test-d2-main D2_SRC=path/to/detectron2 (a source checkout; see DEVELOPERS.md)"; exit 2; }
 	test -x $(D2_PY) || $(PY) -m venv --without-pip $(D2_VENV)
 	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
 	  "$$($(D2_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/dino_detr_base_env.pth"
