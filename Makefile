@@ -40,7 +40,7 @@ CUDA_EMU := build/cuda_emu/base/libmsda_emu.so build/cuda_emu/asan/libmsda_emu.s
 GPU_BUNDLE := build/gpu_bundle
 CUDA_EMU_TESTS := tests/test_ms_deform_attn_cuda.py tests/test_ms_deform_attn_cuda_emulation.py
 
-.PHONY: demo test lint gpu-check gpu-bundle gpu-rehearsal setup clean cuda-emulation
+.PHONY: demo test test-d2-main lint gpu-check gpu-bundle gpu-rehearsal setup clean cuda-emulation
 demo: setup
 	$(PY) tools/run_demo.py
 
@@ -51,6 +51,32 @@ test: setup $(CUDA_EMU) $(GPU_BUNDLE)/MANIFEST.json
 	DINO_DETR_REQUIRE_CUDA_EMU=1 DINO_DETR_CUDA_EMU=$(word 2,$(CUDA_EMU)) ASAN_OPTIONS=detect_leaks=0 \
 	  LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	  $(PY) -m pytest -q -p no:cacheprovider $(CUDA_EMU_TESTS) -k "not gpu and not agree and not half_precision_against"
+
+# The same suite against another Detectron2, e.g. upstream main with its C++ ops (DEVELOPERS.md):
+#   make test-d2-main D2_SRC=path/to/detectron2
+# builds Detectron2 from the source checkout D2_SRC (again only when it changed) into $(D2_VENV),
+# an environment holding nothing but that Detectron2: a .pth file puts this environment's packages
+# (torch, ...) after its own, so its Detectron2 shadows the one here without a second torch. Its
+# C++ ops are built for the CPU (and CUDA when a GPU is present). dino_detr comes from this checkout.
+D2_VENV ?= build/d2-venv
+D2_PY := $(D2_VENV)/bin/python
+ifneq ($(filter test-d2-main,$(MAKECMDGOALS)),)
+ifeq ($(and $(wildcard $(D2_SRC)/setup.py),$(wildcard $(D2_SRC)/detectron2/__init__.py)),)
+$(error make test-d2-main D2_SRC=path/to/detectron2: D2_SRC must be a Detectron2 source checkout (DEVELOPERS.md))
+endif
+endif
+test-d2-main: setup $(word 1,$(CUDA_EMU))
+	test -x $(D2_PY) || $(PY) -m venv --without-pip $(D2_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	  "$$($(D2_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/dino_detr_base_env.pth"
+	if [ "$$(cat $(D2_VENV)/.detectron2-source 2>/dev/null)" != "$(abspath $(D2_SRC))" ] || \
+	   [ -n "$$(find $(D2_SRC)/setup.py $(D2_SRC)/detectron2 -newer $(D2_VENV)/.detectron2-source -print -quit)" ]; then \
+	  cd $(D2_SRC) && env -u FORCE_CUDA $(abspath $(D2_PY)) -m pip install -q --disable-pip-version-check \
+	    --no-build-isolation --no-deps . && echo "$(abspath $(D2_SRC))" > $(abspath $(D2_VENV))/.detectron2-source; fi
+	PYTHONPATH=$(CURDIR) $(D2_PY) -c "import sys, detectron2; from detectron2 import _C; \
+	  from dino_detr.compat import has_fast_coco_eval; assert detectron2.__file__.startswith(sys.prefix) and has_fast_coco_eval(), \
+	  'not the compiled Detectron2 of D2_SRC'; print('Detectron2', detectron2.__version__, 'compiled ops:', _C.__file__)"
+	DINO_DETR_REQUIRE_EXT=1 DINO_DETR_REQUIRE_CUDA_EMU=1 PYTHONPATH=$(CURDIR) $(D2_PY) -m pytest -q tests $(PYTEST_ARGS)
 
 cuda-emulation: $(CUDA_EMU)
 build/cuda_emu/%/libmsda_emu.so: $(wildcard tests/cuda_emulation/*.cpp tests/cuda_emulation/*.h tests/cuda_emulation/*.sh dino_detr/csrc/*.h dino_detr/csrc/cuda/*.cuh) $(VENV)/.torch

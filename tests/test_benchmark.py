@@ -12,6 +12,7 @@ from fvcore.nn import FlopCountAnalysis
 from dino_detr.analysis.flops import MSDA_OP_NAME, ms_deform_attn_flop_jit
 from dino_detr.layers import MSDeformAttn
 
+from child_process import child_env
 from train_utils import REPO
 
 TINY_DINO = [
@@ -74,7 +75,9 @@ def results(tmp_path_factory):
         ],
     }
     for args in runs.values():
-        subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), *args], check=True, cwd=REPO)
+        subprocess.run(
+            [sys.executable, str(REPO / "tools" / "benchmark.py"), *args], check=True, cwd=REPO, env=child_env()
+        )
     summary = subprocess.run(
         [
             sys.executable,
@@ -91,6 +94,7 @@ def results(tmp_path_factory):
         cwd=REPO,
         capture_output=True,
         text=True,
+        env=child_env(),
     )
     return {name: json.loads((out / f"{name}.json").read_text()) for name in runs}, out, summary.stdout
 

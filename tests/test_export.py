@@ -29,6 +29,8 @@ from dino_detr.export import (
 )
 from dino_detr.layers import native_extension_available
 
+from child_process import child_env
+
 pytestmark = pytest.mark.skipif(not native_extension_available(), reason="dino_detr._C is not built")
 
 EXAMPLE_SIZE = (352, 384)
@@ -285,6 +287,7 @@ def test_export_tool_writes_a_loadable_program_with_config_overrides(tmp_path):
         ],
         check=True,
         cwd=tmp_path,
+        env=child_env(),
     )
     images, sizes = example_inputs(384, 320, 1)
     with torch.no_grad():
@@ -307,5 +310,6 @@ def test_export_tool_writes_a_loadable_program_with_config_overrides(tmp_path):
         ],
         capture_output=True,
         text=True,
+        env=child_env(),
     )
     assert bad.returncode != 0 and "height 300 is outside the exported sizes" in bad.stderr

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bandwidth import copy_bandwidth, ms_deform_attn_bytes, value_rows_read
+from child_process import child_env
 from train_utils import REPO
 
 
@@ -182,7 +183,9 @@ def test_gpu_tests_skipped_on_a_gpu_machine_are_failures():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure without a GPU")
 def test_gpu_check_fails_clearly_without_a_gpu():
-    run = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py")], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "gpu_check.py")], capture_output=True, text=True, env=child_env()
+    )
     assert run.returncode == 1
     assert "gpu-check needs an NVIDIA GPU, and torch sees none" in run.stderr
 

@@ -10,6 +10,7 @@ import torch
 
 from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference, native_extension_available
 
+from child_process import child_env
 from msda_inputs import make_inputs, naive_ms_deform_attn, random_case
 
 REQUIRE_EXT = os.environ.get("DINO_DETR_REQUIRE_EXT") == "1"
@@ -216,7 +217,7 @@ def test_fallback_warns_once_and_matches_reference():
         "        raise AssertionError(f'accepted: {match}')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -267,7 +268,7 @@ def test_hostile_level_layouts_never_crash():
     args = [sys.executable, os.path.join(root, "tests", "msda_layout_fuzz.py"), "0", "300"]
     if os.path.exists(library):
         args.append(library)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-3000:]}"
     assert "rejected" in result.stdout

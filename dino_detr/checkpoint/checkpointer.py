@@ -9,6 +9,8 @@ import detectron2.engine.defaults
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from dino_detr.compat import forget_failed_load
+
 from .finetune import drop_mismatched_class_tensors, mismatched_class_tensors
 from .fit import check_checkpoint_fits
 from .io import SOURCE_GLOBALS, atomic_open
@@ -118,6 +120,7 @@ class SafeCheckpointer(DetectionCheckpointer):
                     raise UnreadableCheckpointError(f"{candidate} does not exist")
                 loaded = self.load(candidate)
             except UnreadableCheckpointError as e:
+                forget_failed_load(self)
                 self.logger.warning(f"Cannot resume from {candidate}: {e}")
                 tried.append(os.path.basename(candidate))
                 continue

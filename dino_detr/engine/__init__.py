@@ -4,7 +4,7 @@ data stream, the ``OUTPUT_DIR`` lock and the ``DinoTrainer`` that combines them.
 from .amp import AMP_PRECISIONS, MixedPrecisionTrainer, amp_precision
 from .ema import EMAHook, ModelEMA
 from .nan_guard import FiniteCheckpointer, check_finite_grad_norm
-from .optimizer import build_dino_optimizer, dino_param_groups
+from .optimizer import add_full_model_clipping, build_dino_optimizer, dino_param_groups
 from .predict import DinoPredictor, to_bgr_uint8
 from .run_lock import OutputDirInUseError, lock_output_dir
 from .seeding import IterationSeedHook
@@ -19,6 +19,7 @@ __all__ = [
     "ModelEMA",
     "FiniteCheckpointer",
     "check_finite_grad_norm",
+    "add_full_model_clipping",
     "build_dino_optimizer",
     "dino_param_groups",
     "DinoPredictor",

@@ -8,7 +8,7 @@ from torch import nn
 
 from .nan_guard import check_finite_grad_norm
 
-__all__ = ["build_dino_optimizer", "dino_param_groups"]
+__all__ = ["add_full_model_clipping", "build_dino_optimizer", "dino_param_groups"]
 
 
 def dino_param_groups(model: nn.Module, base_lr: float, backbone_multiplier: float, weight_decay: float) -> List[Dict]:
@@ -38,6 +38,16 @@ def _with_full_model_clipping(optimizer_type: type, max_norm: float, norm_type: 
 
     FullModelGradientClipping.__name__ = f"{optimizer_type.__name__}WithFullModelGradientClipping"
     return FullModelGradientClipping
+
+
+def add_full_model_clipping(
+    optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0, output_dir: str = ""
+) -> torch.optim.Optimizer:
+    """``optimizer`` made to clip all gradients together at ``max_norm`` (``inf``: only the
+    non-finite check) before each step, in place as Detectron2's ``maybe_add_gradient_clipping``
+    does (LazyConfig training: ``train.clip_grad``)."""
+    optimizer.__class__ = _with_full_model_clipping(type(optimizer), max_norm, norm_type, output_dir)
+    return optimizer
 
 
 def build_dino_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:

@@ -11,7 +11,7 @@ from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
 
-from dino_detr.compat import TRAINER_CHECKPOINTS_LOOP_STATE, replace_data_loader
+from dino_detr.compat import TRAINER_CHECKPOINTS_LOOP_STATE, has_fast_coco_eval, start_data_loader
 from dino_detr.data import DinoDatasetMapper
 
 from .amp import MixedPrecisionTrainer, amp_precision
@@ -47,6 +47,7 @@ class DinoTrainer(DefaultTrainer):
             self._trainer = MixedPrecisionTrainer(
                 loop.model, loop.data_loader, loop.optimizer, precision, torch.device(cfg.MODEL.DEVICE).type
             )
+        start_data_loader(self._trainer)  # before training, on every Detectron2 version (see dino_detr.compat)
 
     def build_hooks(self):
         # Runs at the end of DefaultTrainer.__init__, before the default hooks capture
@@ -75,7 +76,7 @@ class DinoTrainer(DefaultTrainer):
     def resume_or_load(self, resume: bool = True):
         super().resume_or_load(resume=resume)
         if self.start_iter > 0:
-            replace_data_loader(self._trainer, self.build_train_loader(self.cfg, self.start_iter))
+            start_data_loader(self._trainer, self.build_train_loader(self.cfg, self.start_iter))
 
     def state_dict(self):
         state = super().state_dict()
@@ -102,5 +103,7 @@ class DinoTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """Detectron2's ``COCOEvaluator``, with its fast (C++) evaluation where Detectron2's compiled
+        ops are installed (:func:`dino_detr.compat.has_fast_coco_eval`), else pycocotools'."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_fast_coco_eval())

@@ -142,7 +142,6 @@ class DinoDetr(nn.Module):
         input_proj: InputProjection,
         position_embedding: nn.Module,
         class_embed: nn.ModuleList,
-        bbox_embed: nn.ModuleList,
         label_enc: nn.Embedding,
         criterion: SetCriterion,
         num_classes: int,
@@ -163,7 +162,9 @@ class DinoDetr(nn.Module):
             transformer: encoder, query selection and decoder; its decoder shares ``bbox_embed``.
             input_proj: projections of the backbone maps (+ extra levels) to the hidden size.
             position_embedding: mask (N, H, W) -> (N, C, H, W).
-            class_embed / bbox_embed: one head per decoder layer (shared modules by default).
+            class_embed: one class head per decoder layer (a shared module by default); the box
+                heads are the decoder's (``bbox_embed``, the same modules as
+                ``transformer.decoder.bbox_embed``, which refine its boxes).
             label_enc: embedding of the denoising labels (label book + 1 rows, as official).
             criterion: the DINO losses; num_select: detections kept per image.
             dn_*: contrastive denoising settings (``dn_number`` 0 disables it).
@@ -180,7 +181,7 @@ class DinoDetr(nn.Module):
         self.position_embedding = position_embedding
         self.transformer = transformer
         self.class_embed = class_embed
-        self.bbox_embed = bbox_embed
+        self.bbox_embed = transformer.decoder.bbox_embed
         self.label_enc = label_enc
         self.criterion = criterion
         self.num_classes = num_classes
@@ -242,7 +243,6 @@ class DinoDetr(nn.Module):
                 d.POSITION_EMBEDDING, d.HIDDEN_DIM, d.PE_TEMPERATURE_H, d.PE_TEMPERATURE_W, d.PE_OFFSET
             ),
             "class_embed": class_embed,
-            "bbox_embed": bbox_embed,
             "label_enc": nn.Embedding((d.DN_LABELBOOK_SIZE or d.NUM_CLASSES) + 1, d.HIDDEN_DIM),
             "criterion": SetCriterion(d.NUM_CLASSES, matcher, weights, d.FOCAL_ALPHA, d.FOCAL_GAMMA),
             "num_classes": d.NUM_CLASSES,
