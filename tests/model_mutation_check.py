@@ -175,16 +175,17 @@ COPIED = ["dino_detr", "tests", "configs", "tools", "pyproject.toml"]
 
 
 def run_mutant(name, edit, work, timeout):
-    """(caught, what failed) for one mutant."""
-    path, text, replacement = edit
-    root = os.path.join(work, name.replace(" ", "_").replace(":", ""))
+    """(caught, what failed) for one mutant (``edit`` None: the unmutated copy)."""
+    root = os.path.join(work, (name or "unmutated").replace(" ", "_").replace(":", ""))
     for entry in COPIED:
         source = os.path.join(ROOT, entry)
         if os.path.isdir(source):
             shutil.copytree(source, os.path.join(root, entry), ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy(source, root)
-    plant(os.path.join(root, path), text, replacement, name)
+    if edit:
+        path, text, replacement = edit
+        plant(os.path.join(root, path), text, replacement, name)
     tests = [t for t in TESTS if os.path.exists(os.path.join(root, t.split("::")[0]))]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
     try:
@@ -200,7 +201,7 @@ def main():
     args = parser.parse_args()
     names = [args.only] if args.only else list(MUTANTS)
     with tempfile.TemporaryDirectory(prefix="model_mutants_") as work:
-        return check(names, lambda name: run_mutant(name, MUTANTS[name], work, args.timeout))
+        return check(names, lambda name: run_mutant(name, MUTANTS.get(name), work, args.timeout))
 
 
 if __name__ == "__main__":

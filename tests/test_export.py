@@ -313,3 +313,11 @@ def test_export_tool_writes_a_loadable_program_with_config_overrides(tmp_path):
         env=child_env(),
     )
     assert bad.returncode != 0 and "height 300 is outside the exported sizes" in bad.stderr
+
+
+def test_unknown_backend_is_refused_before_any_work(tmp_path):
+    """A backend name that is not in BACKENDS fails at once with the valid names (no model copy or export)."""
+    from dino_detr.export.runtimes import build_runtime
+
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt-bf16'; choose from"):
+        build_runtime("tensorrt-bf16", object(), (64, 64), str(tmp_path))

@@ -6,6 +6,8 @@ bfloat16 (same top detections, COCO AP within 0.5) is tested in test_train.py on
 import copy
 import logging
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -210,3 +212,31 @@ def test_config_converts_at_first_inference_call_and_refuses_training_and_loadin
 def test_bad_inference_dtype_names_the_key():
     with pytest.raises(ValueError, match="MODEL.DINO.INFERENCE_DTYPE must be float32, bfloat16, float16 or auto"):
         _demo_model("MODEL.DINO.INFERENCE_DTYPE", "bf16")
+
+
+@needs_ext
+def test_threads_sharing_a_model_convert_it_once(monkeypatch):
+    """Two threads making the first inference call of one model at the same time (a shared predictor):
+    the in-place conversion runs once (twice would fold the batch norms into already folded weights)."""
+    from dino_detr.modeling import meta_arch
+
+    calls = []
+
+    def slow_fold(module):
+        calls.append(module)
+        time.sleep(0.5)  # the second thread arrives while the first converts
+        return fold_batch_norms(module)
+
+    monkeypatch.setattr(meta_arch, "fold_batch_norms", slow_fold)
+    model = _demo_model("MODEL.DINO.INFERENCE_DTYPE", "bfloat16")
+
+    def infer():
+        with torch.no_grad():
+            model(_image())
+
+    threads = [threading.Thread(target=infer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and model.prepared_dtype == torch.bfloat16

@@ -19,8 +19,9 @@ BACKENDS = ("eager", "eager-bf16", "compiled", "aoti", "aoti-bf16", "onnxruntime
 
 
 def _onnx_file(model, example_size, workdir: str) -> str:
-    """This project's ONNX export of ``model`` in ``workdir``, exported once per workdir."""
-    path = os.path.join(workdir, "dino.onnx")
+    """This project's ONNX export of ``model`` at ``example_size`` in ``workdir`` (one model per workdir),
+    exported once and shared by the ONNX runtimes."""
+    path = os.path.join(workdir, "dino_{}x{}.onnx".format(*example_size))
     if not os.path.exists(path):
         export_onnx(export_detector(model, example_size), path)
     return path
@@ -34,6 +35,9 @@ def build_runtime(backend: str, model, example_size, workdir: str) -> Callable:
             ``example_size`` and write their artefact into ``workdir``; "-bf16" runs a copy of ``model``
             prepared for bfloat16 inference (``model`` itself is unchanged).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    artefact = os.path.join(workdir, f"dino_{backend}.pt2")
     if backend.endswith("-bf16") and not backend.startswith("openvino"):
         model = copy.deepcopy(model).prepare_for_inference(torch.bfloat16)
         backend = backend.removesuffix("-bf16")
@@ -43,7 +47,7 @@ def build_runtime(backend: str, model, example_size, workdir: str) -> Callable:
     if backend == "compiled":
         return torch.compile(detector, dynamic=True)
     if backend == "aoti":
-        path = compile_aoti(export_detector(model, example_size), os.path.join(workdir, "dino_aoti.pt2"))
+        path = compile_aoti(export_detector(model, example_size), artefact)
         return torch._inductor.aoti_load_package(path)
     if backend.startswith("openvino-"):
         return openvino_runtime(_onnx_file(model, example_size, workdir), backend.removeprefix("openvino-"))
@@ -60,7 +64,7 @@ def build_runtime(backend: str, model, example_size, workdir: str) -> Callable:
             return tuple(torch.from_numpy(o) for o in session.run(["boxes", "scores", "classes"], feed))
 
         return run
-    raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    raise AssertionError(f"backend {backend!r} is listed in BACKENDS but not built here")
 
 
 def openvino_runtime(onnx_path: str, precision: str) -> Callable:

@@ -37,7 +37,8 @@ def native_bfloat16(device: Union[str, torch.device]) -> Optional[str]:
     or the GPU's name), or None when there is none (bfloat16 would be emulated, i.e. slower than float32)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device) if torch.cuda.is_bf16_supported(including_emulation=False) else None
+        with torch.cuda.device(device):
+            return torch.cuda.get_device_name() if torch.cuda.is_bf16_supported(including_emulation=False) else None
     if device.type != "cpu":
         return None
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}

@@ -3,6 +3,7 @@
 import functools
 import logging
 import math
+import threading
 from typing import Dict, List, Optional
 
 import torch
@@ -27,6 +28,9 @@ from .transformer import DeformableTransformer
 __all__ = ["DinoDetr", "check_images", "check_training_targets", "image_padding_mask", "top_detections"]
 
 logger = logging.getLogger(__name__)
+
+# One conversion at a time (prepare_for_inference changes the model in place; threads may share a predictor).
+_PREPARE_LOCK = threading.Lock()
 
 
 def _name(batched_inputs: List[Dict], i: int) -> str:
@@ -305,7 +309,8 @@ class DinoDetr(nn.Module):
                 self.inference_dtype = "float32"
                 logger.info("DinoDetr: MODEL.DINO.INFERENCE_DTYPE is not applied to a model being trained")
             else:
-                self.prepare_for_inference(self.inference_dtype)
+                with _PREPARE_LOCK:  # a second thread finds the model prepared (same dtype: a no-op)
+                    self.prepare_for_inference(self.inference_dtype)
         images = self.preprocess_image(batched_inputs)
         targets = None
         dn = None

@@ -99,11 +99,12 @@ TESTS = ["tests/test_ms_deform_attn_cuda_emulation.py", "tests/test_ms_deform_at
 
 
 def run_mutant(name, edit, work, timeout):
-    """(caught, what failed) for one mutant."""
-    path, text, replacement = edit
-    csrc = os.path.join(work, name.replace(" ", "_"), "csrc")
+    """(caught, what failed) for one mutant (``edit`` None: the unmutated copy)."""
+    csrc = os.path.join(work, (name or "unmutated").replace(" ", "_"), "csrc")
     shutil.copytree(os.path.join(ROOT, "dino_detr", "csrc"), csrc)
-    plant(os.path.join(csrc, path), text, replacement, name)
+    if edit:
+        path, text, replacement = edit
+        plant(os.path.join(csrc, path), text, replacement, name)
     library = os.path.join(csrc, "libmsda_emu.so")
     env = dict(os.environ, MSDA_CSRC=csrc, PYTHON=sys.executable)
     build = subprocess.run(
@@ -119,6 +120,9 @@ def run_mutant(name, edit, work, timeout):
     return run_tests(["-k", "not gpu", *TESTS], env, ROOT, timeout)
 
 
+PYTEST_ERRORS = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
+
+
 def run_tests(pytest_args, env, cwd, timeout):
     """(caught, what failed): runs pytest until the first failure; a failure, crash or hang
     (> ``timeout`` s) catches the mutant. Shared with tests/model_mutation_check.py."""
@@ -129,6 +133,8 @@ def run_tests(pytest_args, env, cwd, timeout):
         return True, f"hangs (> {timeout} s)"
     if result.returncode == 0:
         return False, "all tests pass"
+    if result.returncode in PYTEST_ERRORS:  # no verdict: the test run itself broke (e.g. an import error)
+        return False, f"test run error (pytest: {PYTEST_ERRORS[result.returncode]}) {result.stdout[-300:]}"
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
     return True, failed[0][len("FAILED ") :] if failed else f"crashes (exit {result.returncode})"
 
@@ -145,7 +151,14 @@ def plant(source, text, replacement, name):
 
 def check(names, run_mutant):
     """Runs ``run_mutant(name) -> (caught, what)`` for each name, one line each, then "caught X of Y";
-    returns the exit status (1 when a mutant survives)."""
+    returns the exit status (1 when a mutant survives). First ``run_mutant(None)``, the unmutated copy,
+    must pass its tests (exit 2 if not): otherwise no "caught" would mean anything."""
+    start = time.time()
+    failed, what = run_mutant(None)
+    if failed or what != "all tests pass":
+        print(f"the unmutated code does not pass the tests: {what[:300]}")
+        return 2
+    print(f"unmutated: all tests pass ({time.time() - start:.0f} s)", flush=True)
     caught = 0
     for name in names:
         start = time.time()
@@ -166,7 +179,7 @@ def main():
     args = parser.parse_args()
     names = args.only or list(MUTANTS)
     with tempfile.TemporaryDirectory(prefix="msda_mutants_") as work:
-        return check(names, lambda name: run_mutant(name, MUTANTS[name], work, args.timeout))
+        return check(names, lambda name: run_mutant(name, MUTANTS.get(name), work, args.timeout))
 
 
 if __name__ == "__main__":
