@@ -363,6 +363,25 @@ def test_name_through_default_predictor_and_demo(detrex_published, tmp_path):
     assert len(_Files.requests) == 1  # downloaded once for both
 
 
+def test_name_through_train_net_and_benchmark_reads_the_config_not_the_weights(cache, tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import benchmark
+
+    import train_net
+
+    config = os.path.join(REPO, published_weights(DETREX).config)
+    argv = ["--config-file", "dino_detr://" + DETREX, "--eval-only", "OUTPUT_DIR", str(tmp_path), "MODEL.DEVICE", "cpu"]
+    args = train_net.argument_parser().parse_args(argv)
+    cfg = train_net.setup(args)  # Detectron2's default_setup logs the config file's text
+    assert cfg.MODEL.WEIGHTS == "dino_detr://" + DETREX and cfg.MODEL.DINO.PE_OFFSET == -0.5
+    assert args.config_file == "dino_detr://" + DETREX
+    cfg, path = benchmark.load_cfg("dino_detr://" + DETREX, "cpu", [])
+    assert path == config and cfg.MODEL.DINO.PE_OFFSET == -0.5 and cfg.MODEL.WEIGHTS == ""
+    assert _Files.requests == []  # the weights were not downloaded to read a config
+    with pytest.raises(ValueError, match="binary file: open it with mode 'rb'"):
+        PathManager.open("dino_detr://" + DETREX, "r")
+
+
 def test_name_through_fine_tuning(detrex_published, tmp_path):
     from detectron2.utils.events import EventStorage
 

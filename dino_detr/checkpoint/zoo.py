@@ -205,6 +205,11 @@ class PublishedWeightsHandler(PathHandler):
         return local
 
     def _open(self, path: str, mode: str = "r", **kwargs: Any):
+        if "b" not in mode:
+            raise ValueError(
+                f"{path} names published weights, a binary file: open it with mode 'rb', not {mode!r}. Its config "
+                "file is dino_detr.config_file_path(name) (what --config-file dino_detr://<name> reads)."
+            )
         return PathManager.open(self._get_local_path(path), mode, **kwargs)
 
 
