@@ -184,11 +184,15 @@ def test_table_config_is_what_the_weights_need(name):
 # ----------------------------------------------------------------------------- downloads
 
 
-def test_download_is_cached_and_reused_without_a_request(cache):
+def test_download_is_cached_and_reused_without_a_request(cache, caplog):
     entry = published_weights(DETREX)
     data = b"weights" * 1000
     path = _serve(entry, data)
-    local = PathManager.get_local_path("dino_detr://" + DETREX)
+    with caplog.at_level(logging.WARNING, logger="dino_detr.checkpoint.download"):
+        local = PathManager.get_local_path("dino_detr://" + DETREX)
+    sha = hashlib.sha256(data).hexdigest()
+    trusted = [r.getMessage() for r in caplog.records if "publishes no hash" in r.getMessage()]
+    assert len(trusted) == 1 and local in trusted[0] and sha in trusted[0]  # trust on first use, visibly
     assert open(local, "rb").read() == data and local.startswith(str(cache))
     with open(local + ".sha256") as f:  # the full hash of the first download, beside the file
         assert f.read().split()[0] == hashlib.sha256(data).hexdigest()
@@ -197,17 +201,18 @@ def test_download_is_cached_and_reused_without_a_request(cache):
     assert _Files.requests == [path]  # one request for both loads
 
 
-def test_hash_prefix_in_file_name_is_checked(cache, server):
+def test_given_hash_is_checked_not_a_file_name_that_looks_like_one(cache, server):
     data = b"x" * 5000
-    good = hashlib.sha256(data).hexdigest()[:8]
-    _serve(f"/m/model-{good}.pth", data)
-    assert open(PathManager.get_local_path(f"{server}/m/model-{good}.pth"), "rb").read() == data
-    _serve("/m/model-0badc0de.pth", data)
-    url = f"{server}/m/model-0badc0de.pth"
-    with pytest.raises(ChecksumError) as e:
-        PathManager.get_local_path(url)
+    dated = f"{server}/m/dino-20240101.pth"  # any URL: 8 hex digits in its name are not a hash
+    _serve("/m/dino-20240101.pth", data)
+    assert open(PathManager.get_local_path(dated), "rb").read() == data
+    _serve("/m/model.pth", data)
+    url = f"{server}/m/model.pth"
+    with pytest.raises(ChecksumError) as e:  # the table passes the hashes its sources publish
+        PathManager.get_local_path(url, sha256="0badc0de")
     assert url in str(e.value) and "0badc0de" in str(e.value) and hashlib.sha256(data).hexdigest() in str(e.value)
-    assert not os.path.exists(cache / "m" / "model-0badc0de.pth")  # deleted
+    assert not os.path.exists(cache / "m" / "model.pth")  # deleted
+    assert open(PathManager.get_local_path(url, sha256=hashlib.sha256(data).hexdigest()[:8]), "rb").read() == data
 
 
 def test_table_hash_is_checked(cache, monkeypatch):
