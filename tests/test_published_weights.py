@@ -331,6 +331,23 @@ def test_path_in_another_layout_needs_its_config(cache, tmp_path):
         SafeCheckpointer(build_model(cfg)).load(str(path))
 
 
+class _OtherDetector(torch.nn.Module):
+    """Not DINO, with names that are telltales of the DINO sources (``neck.``, ``bbox_head.``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.neck, self.bbox_head = torch.nn.Linear(2, 3), torch.nn.Linear(3, 4)
+
+
+def test_other_models_load_their_own_names_unconverted(tmp_path):
+    source, target = _OtherDetector(), _OtherDetector()
+    path = tmp_path / "other.pth"
+    torch.save({"model": source.state_dict()}, path)
+    SafeCheckpointer(target).load(str(path))
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, source.state_dict()[k]), k
+
+
 # ----------------------------------------------------------------------------- a name through the tools
 
 
