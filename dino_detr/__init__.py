@@ -7,9 +7,9 @@ Detectron2's ``DefaultPredictor`` and ``DefaultTrainer`` load weights with
 """
 
 from .checkpoint import use_safe_checkpointer
-from .config import add_dino_config, check_dino_config, get_dino_cfg, resolve_device
+from .config import add_dino_config, check_dino_config, config_file_path, get_dino_cfg, resolve_device
 from .modeling import DinoDetr
 
 use_safe_checkpointer()
 
-__all__ = ["add_dino_config", "check_dino_config", "get_dino_cfg", "resolve_device", "DinoDetr"]
+__all__ = ["add_dino_config", "check_dino_config", "config_file_path", "get_dino_cfg", "resolve_device", "DinoDetr"]

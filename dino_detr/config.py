@@ -41,7 +41,7 @@ def get_dino_cfg(config_file, opts=()):
             f"'{flags[0]}' is among the KEY VALUE config overrides {list(opts)}: everything after the first KEY is "
             f"read as overrides, so put command-line options such as {flags[0]} before them"
         )
-    if str(config_file).startswith("dino_detr://"):  # published weights: their config and MODEL.WEIGHTS
+    if config_file_path(config_file) != str(config_file):  # published weights: their config and MODEL.WEIGHTS
         from .model_zoo import get_config
 
         return get_config(str(config_file), opts=opts)
@@ -51,6 +51,17 @@ def get_dino_cfg(config_file, opts=()):
     cfg.merge_from_file(str(config_file))
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def config_file_path(config_file) -> str:
+    """The YAML file a ``--config-file`` value names: for published weights (``dino_detr://<name>``)
+    this project's config file they fit (:func:`dino_detr.model_zoo.get_config_file`), otherwise
+    ``config_file`` itself. For code that reads the file (Detectron2's ``default_setup`` logs it)."""
+    if str(config_file).startswith("dino_detr://"):
+        from .model_zoo import get_config_file
+
+        return get_config_file(str(config_file))
+    return str(config_file)
 
 
 def resolve_device(device: str) -> str:

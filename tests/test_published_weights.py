@@ -184,11 +184,15 @@ def test_table_config_is_what_the_weights_need(name):
 # ----------------------------------------------------------------------------- downloads
 
 
-def test_download_is_cached_and_reused_without_a_request(cache):
+def test_download_is_cached_and_reused_without_a_request(cache, caplog):
     entry = published_weights(DETREX)
     data = b"weights" * 1000
     path = _serve(entry, data)
-    local = PathManager.get_local_path("dino_detr://" + DETREX)
+    with caplog.at_level(logging.WARNING, logger="dino_detr.checkpoint.download"):
+        local = PathManager.get_local_path("dino_detr://" + DETREX)
+    sha = hashlib.sha256(data).hexdigest()
+    trusted = [r.getMessage() for r in caplog.records if "publishes no hash" in r.getMessage()]
+    assert len(trusted) == 1 and local in trusted[0] and sha in trusted[0]  # trust on first use, visibly
     assert open(local, "rb").read() == data and local.startswith(str(cache))
     with open(local + ".sha256") as f:  # the full hash of the first download, beside the file
         assert f.read().split()[0] == hashlib.sha256(data).hexdigest()
@@ -197,17 +201,18 @@ def test_download_is_cached_and_reused_without_a_request(cache):
     assert _Files.requests == [path]  # one request for both loads
 
 
-def test_hash_prefix_in_file_name_is_checked(cache, server):
+def test_given_hash_is_checked_not_a_file_name_that_looks_like_one(cache, server):
     data = b"x" * 5000
-    good = hashlib.sha256(data).hexdigest()[:8]
-    _serve(f"/m/model-{good}.pth", data)
-    assert open(PathManager.get_local_path(f"{server}/m/model-{good}.pth"), "rb").read() == data
-    _serve("/m/model-0badc0de.pth", data)
-    url = f"{server}/m/model-0badc0de.pth"
-    with pytest.raises(ChecksumError) as e:
-        PathManager.get_local_path(url)
+    dated = f"{server}/m/dino-20240101.pth"  # any URL: 8 hex digits in its name are not a hash
+    _serve("/m/dino-20240101.pth", data)
+    assert open(PathManager.get_local_path(dated), "rb").read() == data
+    _serve("/m/model.pth", data)
+    url = f"{server}/m/model.pth"
+    with pytest.raises(ChecksumError) as e:  # the table passes the hashes its sources publish
+        PathManager.get_local_path(url, sha256="0badc0de")
     assert url in str(e.value) and "0badc0de" in str(e.value) and hashlib.sha256(data).hexdigest() in str(e.value)
-    assert not os.path.exists(cache / "m" / "model-0badc0de.pth")  # deleted
+    assert not os.path.exists(cache / "m" / "model.pth")  # deleted
+    assert open(PathManager.get_local_path(url, sha256=hashlib.sha256(data).hexdigest()[:8]), "rb").read() == data
 
 
 def test_table_hash_is_checked(cache, monkeypatch):
@@ -326,6 +331,23 @@ def test_path_in_another_layout_needs_its_config(cache, tmp_path):
         SafeCheckpointer(build_model(cfg)).load(str(path))
 
 
+class _OtherDetector(torch.nn.Module):
+    """Not DINO, with names that are telltales of the DINO sources (``neck.``, ``bbox_head.``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.neck, self.bbox_head = torch.nn.Linear(2, 3), torch.nn.Linear(3, 4)
+
+
+def test_other_models_load_their_own_names_unconverted(tmp_path):
+    source, target = _OtherDetector(), _OtherDetector()
+    path = tmp_path / "other.pth"
+    torch.save({"model": source.state_dict()}, path)
+    SafeCheckpointer(target).load(str(path))
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, source.state_dict()[k]), k
+
+
 # ----------------------------------------------------------------------------- a name through the tools
 
 
@@ -361,6 +383,25 @@ def test_name_through_default_predictor_and_demo(detrex_published, tmp_path):
     )
     assert len(written) == 1 and os.path.getsize(written[0]) > 0
     assert len(_Files.requests) == 1  # downloaded once for both
+
+
+def test_name_through_train_net_and_benchmark_reads_the_config_not_the_weights(cache, tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import benchmark
+
+    import train_net
+
+    config = os.path.join(REPO, published_weights(DETREX).config)
+    argv = ["--config-file", "dino_detr://" + DETREX, "--eval-only", "OUTPUT_DIR", str(tmp_path), "MODEL.DEVICE", "cpu"]
+    args = train_net.argument_parser().parse_args(argv)
+    cfg = train_net.setup(args)  # Detectron2's default_setup logs the config file's text
+    assert cfg.MODEL.WEIGHTS == "dino_detr://" + DETREX and cfg.MODEL.DINO.PE_OFFSET == -0.5
+    assert args.config_file == "dino_detr://" + DETREX
+    cfg, path = benchmark.load_cfg("dino_detr://" + DETREX, "cpu", [])
+    assert path == config and cfg.MODEL.DINO.PE_OFFSET == -0.5 and cfg.MODEL.WEIGHTS == ""
+    assert _Files.requests == []  # the weights were not downloaded to read a config
+    with pytest.raises(ValueError, match="binary file: open it with mode 'rb'"):
+        PathManager.open("dino_detr://" + DETREX, "r")
 
 
 def test_name_through_fine_tuning(detrex_published, tmp_path):

@@ -26,7 +26,8 @@ from detectron2.structures import Boxes, Instances
 
 from dino_detr import add_dino_config
 from dino_detr.checkpoint import convert_state_dict
-from dino_detr.checkpoint.rename import detrex_rules, layer_count, official_rules, rename
+from dino_detr.checkpoint.convert import _rules_for
+from dino_detr.checkpoint.rename import rename
 from dino_detr.modeling import denoising
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,12 +130,6 @@ def train_step(model, monkeypatch, record):
     return losses, captured
 
 
-def _rules(record, names):
-    if record["source"] == "official":
-        return official_rules()
-    return detrex_rules(layer_count(names, "neck.convs."), layer_count(names, "transformer.decoder.layers."))
-
-
 def _close(name, ours, ref, tol=OUTPUT_TOL):
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
     err = (ours.detach() - ref).abs().max().item() if ref.numel() else 0.0
@@ -185,7 +180,7 @@ def test_every_loss_term_matches(step):
 def test_every_gradient_matches(step):
     record, model, _, _ = step
     grads = record["grads"]
-    rules = _rules(record, record["weights"]["names"])
+    rules = _rules_for(record["source"], record["weights"]["names"])
     ours = dict(model.named_parameters(remove_duplicate=False))
     covered = set()
     for i, name in enumerate(grads["names"]):

@@ -34,7 +34,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from dino_detr import get_dino_cfg  # (registers DINO)
+from dino_detr import config_file_path, get_dino_cfg  # (registers DINO)
 from dino_detr.analysis import count_flops
 from dino_detr.export import BACKENDS, build_runtime, example_inputs
 from dino_detr.layers import MSDeformAttn, use_reference_implementation
@@ -51,13 +51,14 @@ def load_cfg(config_file, device, opts):
         from detectron2 import model_zoo
 
         config_file = model_zoo.get_config_file(config_file[4:])
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"config file not found: {config_file}")
+    path = config_file_path(config_file)  # a dino_detr://<name>: the config file of those weights
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
     cfg = get_dino_cfg(config_file, opts)
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = device
     cfg.freeze()
-    return cfg, config_file
+    return cfg, path
 
 
 def model_key(config_file):

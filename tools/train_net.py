@@ -9,6 +9,7 @@
         DATASETS.TRAIN "('mine_train',)" MODEL.DINO.NUM_CLASSES 3           # a COCO-format dataset
 """
 
+import copy
 import sys
 
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -17,7 +18,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import dino_detr.data  # noqa: F401  (registers the demo datasets)
-from dino_detr import get_dino_cfg, resolve_device
+from dino_detr import config_file_path, get_dino_cfg, resolve_device
 from dino_detr.data import parse_dataset_option, register_config_datasets
 from dino_detr.engine import DinoTrainer, FiniteCheckpointer, ModelEMA, lock_output_dir
 
@@ -45,7 +46,10 @@ def setup(args):
     cfg.freeze()
     if not args.eval_only:
         lock_output_dir(cfg.OUTPUT_DIR)  # one training per folder; before default_setup writes config.yaml
-    default_setup(cfg, args)
+    # default_setup logs the config file's text: for a dino_detr:// name, the YAML file it stands for
+    setup_args = copy.copy(args)
+    setup_args.config_file = config_file_path(args.config_file)
+    default_setup(cfg, setup_args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dino_detr")  # the project's messages too
     register_config_datasets(cfg)
     return cfg

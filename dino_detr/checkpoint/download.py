@@ -2,11 +2,12 @@
 for every URL: its cache under ``$FVCORE_CACHE`` or ``~/.torch/iopath_cache``, proxies through
 ``urllib``, a progress bar, a temporary file renamed only when complete) plus hash checks.
 
-* A file name ending in ``-<hex>.<ext>`` (mmdetection, torchvision: the first hex digits of the
-  file's SHA-256) or a hash given by the caller (the published-weights table) is checked after the
-  download; a mismatch deletes the file and names the URL, the expected and the actual hash.
+* A hash given by the caller (the published-weights table: mmdetection publishes the SHA-256's
+  first hex digits in its file names) is checked after the download; a mismatch deletes the file
+  and names the URL, the expected and the actual hash. Other URLs' file names are not read as hashes.
 * The full SHA-256 of what was first downloaded is kept beside the cached file (``<file>.sha256``,
   ``sha256sum`` format) and checked on every later load: a cached file that changed is deleted.
+  A first download with no published hash is trusted (one warning names the file and its SHA-256).
 * A failed download (no network, interrupted) raises :class:`WeightsDownloadError` naming the URL
   and where to place the file by hand; an interrupted download leaves nothing in the cache.
 """
@@ -14,7 +15,6 @@ for every URL: its cache under ``$FVCORE_CACHE`` or ``~/.torch/iopath_cache``, p
 import hashlib
 import logging
 import os
-import re
 from typing import Any, Optional
 from urllib.parse import urlparse
 
@@ -25,9 +25,6 @@ from .io import atomic_open
 __all__ = ["ChecksumError", "VerifiedHTTPURLHandler", "WeightsDownloadError", "cache_path", "sha256_of"]
 
 logger = logging.getLogger(__name__)
-
-# "...-55b2bba2.pth": mmdetection's (and torch.hub's) convention, the SHA-256's first hex digits.
-_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+\Z")
 
 
 class WeightsDownloadError(OSError):
@@ -50,12 +47,6 @@ def sha256_of(path: str) -> str:
 def cache_path(url: str, cache_dir: Optional[str] = None) -> str:
     """Where iopath's ``HTTPURLHandler`` caches ``url`` (``<cache>/<URL path>``)."""
     return os.path.join(get_cache_dir(cache_dir), urlparse(url).path.lstrip("/"))
-
-
-def hash_in_file_name(url: str) -> Optional[str]:
-    """The SHA-256 prefix at the end of the URL's file name (``name-<hex>.pth``), or ``None``."""
-    m = _HASH_IN_NAME.search(urlparse(url).path)
-    return m.group(1) if m else None
 
 
 def verify_file(path: str, origin: str, expected_sha256: Optional[str] = None) -> str:
@@ -85,7 +76,13 @@ def verify_file(path: str, origin: str, expected_sha256: Optional[str] = None) -
         )
     with atomic_open(sidecar, "w") as f:
         f.write(f"{actual}  {os.path.basename(path)}\n")
-    logger.info(f"{path}: SHA-256 {actual} recorded in {sidecar}")
+    if expected_sha256:
+        logger.info(f"{path}: SHA-256 {actual} matches the published {expected_sha256}, recorded in {sidecar}")
+    else:
+        logger.warning(
+            f"{path} (from {origin}): its source publishes no hash, so this first download is trusted; its SHA-256 "
+            f"{actual} is recorded in {sidecar} and checked on every later load"
+        )
     return actual
 
 
@@ -101,7 +98,8 @@ class VerifiedHTTPURLHandler(HTTPURLHandler):
     ``PathManager`` when ``dino_detr`` is imported.
 
     ``get_local_path(url, sha256=...)``: a published full hash or hash prefix to check the first
-    download against (default: the one in the file name, if any).
+    download against (the table passes the ones its sources publish; without it nothing is checked
+    but the recorded hash of later loads).
     """
 
     def _get_local_path(
@@ -120,5 +118,5 @@ class VerifiedHTTPURLHandler(HTTPURLHandler):
                 f"access, download the file elsewhere and place it at {cache_path(path, cache_dir)} (Detectron2's "
                 "download cache: $FVCORE_CACHE, default ~/.torch/iopath_cache), or give its local path instead."
             ) from e
-        verify_file(local, path, sha256 or hash_in_file_name(path))
+        verify_file(local, path, sha256)
         return local

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
+from ..modeling.meta_arch import DinoDetr
 from .convert import Conversion, convert_state_dict, source_of
 
 __all__ = ["LAYOUTS", "as_project_checkpoint", "checkpoint_weights", "layout_of", "mmdet_source_config"]
@@ -84,9 +85,22 @@ def _model_differences(conversion: Conversion, model: nn.Module) -> List[str]:
     return opts
 
 
+def _has_tensor(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is one of ``model``'s own parameters or buffers."""
+    for get in (model.get_parameter, model.get_buffer):
+        try:
+            get(name)
+            return True
+        except AttributeError:
+            pass
+    return False
+
+
 def as_project_checkpoint(loaded: Any, model: nn.Module, path: str) -> Any:
     """``loaded`` (a checkpoint as read from ``path``) as a Detectron2 checkpoint of this
-    project's model: unchanged in this project's layout, converted in memory otherwise.
+    project's model: converted in memory when ``model`` is a :class:`DinoDetr` and the names are
+    another DINO source's, not the model's own; unchanged otherwise (this project's layout, other
+    Detectron2 models, whose names may look like a source's: ``neck.``, ``bbox_head.``).
 
     Official 91-id classifiers are remapped to the 80 COCO classes when the model has 80 classes
     and kept otherwise; a model with another number of classes is left to the fine-tuning rule.
@@ -97,11 +111,11 @@ def as_project_checkpoint(loaded: Any, model: nn.Module, path: str) -> Any:
     state, rest = checkpoint_weights(loaded)
     if state is None or not all(isinstance(k, str) for k in state):
         return loaded
-    layout = layout_of(state)
-    if layout == "dino_detr":
+    found = source_of(state)
+    if found is None or not isinstance(model, DinoDetr) or _has_tensor(model, found[1]):
         return loaded if "model" in loaded else {"model": loaded}
-    own = model.state_dict()
-    rows = own["class_embed.0.bias"].shape[0] if "class_embed.0.bias" in own else None
+    layout = found[0]
+    rows = model.class_embed[0].out_features
     class_layout = "coco80" if layout == "official" and rows == 80 else "source"
     source_config = mmdet_source_config(rest.get("meta")) if layout == "mmdet" else None
     conversion = convert_state_dict(state, layout, class_layout, source_config)

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 from detectron2.utils.file_io import PathHandler, PathManager
 from iopath.common.file_io import get_cache_dir
 
+from .convert import _POSITION_EMBEDDING
 from .download import WeightsDownloadError, verify_file
 
 __all__ = [
@@ -47,14 +48,9 @@ _OFFICIAL_BAIDU = "https://pan.baidu.com/s/1St5rvfgfPwpnPuf_Oe6DpQ (code: DINO)"
 # Config options of this project that reproduce each source's model (what the converter infers).
 _PER_LAYER_HEADS = ("MODEL.DINO.DEC_PRED_CLASS_EMBED_SHARE", "False", "MODEL.DINO.DEC_PRED_BBOX_EMBED_SHARE", "False")
 # detrex's and mmdetection's "improved" PositionEmbeddingSine(temperature=10000, offset=-0.5)
-_PE_10000 = (
-    "MODEL.DINO.PE_TEMPERATURE_H",
-    "10000",
-    "MODEL.DINO.PE_TEMPERATURE_W",
-    "10000",
-    "MODEL.DINO.PE_OFFSET",
-    "-0.5",
-)
+_TEMPERATURE, _OFFSET = (str(v) for v in _POSITION_EMBEDDING["detrex"])
+_PE_10000 = ("MODEL.DINO.PE_TEMPERATURE_H", _TEMPERATURE, "MODEL.DINO.PE_TEMPERATURE_W", _TEMPERATURE)
+_PE_10000 += ("MODEL.DINO.PE_OFFSET", _OFFSET)
 _DETREX_OPTS = _PER_LAYER_HEADS + _PE_10000
 
 
@@ -205,6 +201,11 @@ class PublishedWeightsHandler(PathHandler):
         return local
 
     def _open(self, path: str, mode: str = "r", **kwargs: Any):
+        if "b" not in mode:
+            raise ValueError(
+                f"{path} names published weights, a binary file: open it with mode 'rb', not {mode!r}. Its config "
+                "file is dino_detr.config_file_path(name) (what --config-file dino_detr://<name> reads)."
+            )
         return PathManager.open(self._get_local_path(path), mode, **kwargs)
 
 
