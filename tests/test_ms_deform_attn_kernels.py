@@ -38,6 +38,7 @@ class FakeOp:
     def timer(self, run):
         run()
         stage, name = run.stage, self.current[run.stage]
+        assert not torch.is_grad_enabled()  # the candidates run under no_grad
         self.timed.append((stage, name))
         return self.seconds[stage, name]
 
@@ -163,14 +164,14 @@ def test_select_kernel_keys_and_skips(monkeypatch):
         memo = {}
 
         def select(self, stage, key, run):
-            calls.append((stage, key, torch.is_grad_enabled()))
+            calls.append((stage, key))
 
     monkeypatch.setattr(kernels, "_selector", lambda: Recorder())
     monkeypatch.setattr(kernels, "_device_name", lambda index: "Fake GPU")
     value, loc = torch.empty(2, 1000, 8, 32, dtype=torch.float16), torch.empty(2, 300, 8, 4, 4, 2)
     kernels.select_kernel("forward", value, loc, lambda: None)
     key = (-1, torch.float16, torch.float32, value.shape, loc.shape)
-    assert calls == [("forward", key, False)]
+    assert calls == [("forward", key)]
     assert kernels._describe(key) == ("Fake GPU", "torch.float16", "torch.float32", 1024, 1024, 8, 32, 4, 4)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

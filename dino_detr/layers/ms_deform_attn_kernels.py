@@ -149,8 +149,8 @@ class KernelSelector:
         return previous
 
     def select(self, stage: str, key: tuple, run: Callable[[], object]) -> str:
-        """Makes ``stage`` run its kernel for ``key`` (timing the candidates with ``run`` the first
-        time) and returns its name."""
+        """Makes ``stage`` run its kernel for ``key`` (timing the candidates with ``run``, under
+        no_grad, the first time) and returns its name."""
         with self.lock:
             name = self.memo.get((stage, key))
             if name is None:
@@ -177,9 +177,10 @@ class KernelSelector:
     def _fastest(self, stage: str, run: Callable[[], object]) -> str:
         baseline, *others = [n for n in self.kernel_names[stage] if n not in NOT_CANDIDATES]
         seconds = {}
-        for name in [baseline, *others]:
-            self._use(stage, name)
-            seconds[name] = self.timer(run)
+        with torch.no_grad():
+            for name in [baseline, *others]:
+                self._use(stage, name)
+                seconds[name] = self.timer(run)
         best = min(others, key=seconds.__getitem__, default=baseline)
         return best if seconds[best] < MARGIN * seconds[baseline] else baseline
 
@@ -242,8 +243,7 @@ def select_kernel(stage: str, value: torch.Tensor, sampling_locations: torch.Ten
     key = (value.get_device(), value.dtype, sampling_locations.dtype, value.shape, sampling_locations.shape)
     if (stage, key) not in selector.memo and value.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    with torch.no_grad():
-        selector.select(stage, key, run)
+    selector.select(stage, key, run)
 
 
 def run_selected(stage: str, op: Callable, args: tuple, value: torch.Tensor, sampling_locations: torch.Tensor):
