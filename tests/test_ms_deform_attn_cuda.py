@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dino_detr.layers import ms_deform_attn, ms_deform_attn_reference, native_extension_available
-from dino_detr.layers.ms_deform_attn_kernels import ENV_KERNEL
+from dino_detr.layers.ms_deform_attn_kernels import force_kernel
 
 from cuda_emulation.msda_emu import KERNELS
 from msda_inputs import float32_tolerances, make_inputs, random_case
@@ -35,7 +35,8 @@ def cuda(request, cuda_emulation, monkeypatch):
     backend, kernel = request.param
     if backend == "gpu":
         _needs_gpu()
-        monkeypatch.setenv(ENV_KERNEL, kernel)
+        previous = force_kernel(kernel)
+        request.addfinalizer(lambda: force_kernel(previous))
         return Backend(ms_deform_attn, "cuda")
     return Backend(cuda_emulation(kernel=kernel).op, "cpu")
 
@@ -136,9 +137,7 @@ def test_gpu_backward_is_deterministic_under_deterministic_algorithms(dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-3 * want.abs().max().item())
 
 
-def test_gpu_bad_kernel_name_is_a_clear_error(monkeypatch):
+def test_gpu_bad_kernel_name_is_a_clear_error():
     _needs_gpu()
-    monkeypatch.setenv(ENV_KERNEL, "fastest")
-    inputs = make_inputs(1, [[3, 4]], 2, 4, 5, 2, dtype=torch.float32, device="cuda")
-    with pytest.raises(ValueError, match="baseline, deterministic, vectorized"):
-        ms_deform_attn(*inputs)
+    with pytest.raises(ValueError, match="DINO_DETR_MSDA_KERNEL='fastest'.*baseline, deterministic, vectorized"):
+        force_kernel("fastest")

@@ -15,7 +15,7 @@ bilinear corners gather (4 rows of D channels per sample; 3x that forward+backwa
 measured bandwidth of a random gather of such rows from an L2-sized table (tools/bandwidth.py).
 
 Kernel variants (``--variants all`` or names; CUDA only): each is forced in turn
-(``DINO_DETR_MSDA_KERNEL``) in the process that measures the native op, interleaved, and
+(``force_kernel``, as ``DINO_DETR_MSDA_KERNEL``) in the process that measures the native op, interleaved, and
 reported as its time and speed-up over ``baseline``. ``--peer-src PATH`` (CUDA, float32): the
 ``models/ops`` folder of a Deformable-DETR checkout (github.com/fundamentalvision/Deformable-DETR,
 e.g. fetched into an ignored folder such as ``build/peer/Deformable-DETR``), built for the
@@ -284,22 +284,19 @@ def time_kernels(step, device, kernels, repeats: int, rounds: int = 3) -> dict:
     (so that clock and cache drift touch every variant alike)."""
     import statistics
 
-    from dino_detr.layers.ms_deform_attn_kernels import ENV_KERNEL
+    from dino_detr.layers.ms_deform_attn_kernels import force_kernel
 
     from bandwidth import median_seconds
 
-    previous = os.environ.get(ENV_KERNEL)
+    previous = force_kernel("auto")
     times = {name: [] for name in kernels}
     try:
         for _ in range(rounds):
             for name in kernels:
-                os.environ[ENV_KERNEL] = name
+                force_kernel(name)
                 times[name].append(median_seconds(step, device, max(repeats // rounds, 1), warmup=1))
     finally:
-        if previous is None:
-            os.environ.pop(ENV_KERNEL, None)
-        else:
-            os.environ[ENV_KERNEL] = previous
+        force_kernel(previous)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -1,13 +1,13 @@
-"""Reading source checkpoints safely and writing checkpoints crash-safely."""
+"""Reading source checkpoints safely and writing checkpoints crash-safely (``atomic_open``, from
+``dino_detr.fileio``)."""
 
 import argparse
-import contextlib
 import os
-import uuid
-from typing import IO, Dict, Iterator
+from typing import Dict
 
 import torch
 
+from ..fileio import atomic_open
 from .layouts import checkpoint_weights
 from .safe_load import load_torch_weights
 
@@ -16,33 +16,6 @@ __all__ = ["SOURCE_GLOBALS", "atomic_open", "load_source_state_dict", "save_dete
 #: Published checkpoints store their training arguments as an ``argparse.Namespace`` (official
 #: DINO) next to the weights; it is plain data, so it is allowed under ``weights_only``.
 SOURCE_GLOBALS = [argparse.Namespace]
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
-    """A file object whose content replaces ``path`` only once it is completely written.
-
-    Writes a hidden temporary file in the same folder, flushes and fsyncs it, renames it
-    over ``path`` (atomic on POSIX) and fsyncs the folder. On any error (or a crash) ``path``
-    keeps its previous content and the temporary file is removed (or left hidden).
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power loss
-    finally:
-        os.close(fd)
 
 
 def load_source_state_dict(path: str, with_rest: bool = False):

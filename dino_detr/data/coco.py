@@ -35,6 +35,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 
+from ..fileio import atomic_open
 from .image_io import open_image
 
 __all__ = [
@@ -198,10 +199,8 @@ def check_coco_dataset(json_file: str, image_root: str, num_workers: Optional[in
     problems = {"annotations": annotation_problems, "images": image_problems}
     _raise_if(problems, json_file, cache[: -len(".json")] + ".problems.txt")
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_open(cache, "w") as f:
         json.dump({"json_file": os.path.abspath(json_file), "images": len(data["images"])}, f)
-    os.replace(tmp, cache)
 
 
 def _clip_box(box: List[float], width: int, height: int) -> Tuple[List[float], bool]:

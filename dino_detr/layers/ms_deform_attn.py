@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from .cuda_arch import check_kernel_image
-from .ms_deform_attn_kernels import select_kernel
+from .ms_deform_attn_kernels import run_selected
 from .ms_deform_attn_reference import ms_deform_attn_reference
 
 __all__ = ["ms_deform_attn", "native_extension_available", "use_reference_implementation"]
@@ -208,9 +208,8 @@ def ms_deform_attn(
     args = tuple(t.contiguous() for t in inputs)
     if _NATIVE_IMPORT_ERROR is None and not _force_reference:
         check_kernel_image(value.device)  # one clear error when the build has no image for this GPU
-        if value.is_cuda:
-            select_kernel("forward", args[0], args[3], lambda: torch.ops.dino_detr.ms_deform_attn(*args))
-        return torch.ops.dino_detr.ms_deform_attn(*args)  # checks its inputs (C++, or the fake kernel)
+        op = torch.ops.dino_detr.ms_deform_attn  # checks its inputs (C++, or the fake kernel)
+        return run_selected("forward", op, args, args[0], args[3]) if value.is_cuda else op(*args)
     _check_metadata(*args)
     if not torch.compiler.is_compiling():
         _check_level_layout(*args[:3])  # the reference reads the layout anyway
@@ -241,11 +240,11 @@ if _NATIVE_IMPORT_ERROR is None:
 
     def _backward(ctx, grad_output):
         inputs = (grad_output.contiguous(), *ctx.saved_tensors)
+        op = torch.ops.dino_detr.ms_deform_attn_backward
         if inputs[1].is_cuda:
-            select_kernel(
-                "backward", inputs[1], inputs[4], lambda: torch.ops.dino_detr.ms_deform_attn_backward(*inputs)
-            )
-        grad_value, grad_locations, grad_weights = torch.ops.dino_detr.ms_deform_attn_backward(*inputs)
+            grad_value, grad_locations, grad_weights = run_selected("backward", op, inputs, inputs[1], inputs[4])
+        else:
+            grad_value, grad_locations, grad_weights = op(*inputs)
         return grad_value, None, None, grad_locations, grad_weights
 
     torch.library.register_autograd("dino_detr::ms_deform_attn", _backward, setup_context=_setup_context)
