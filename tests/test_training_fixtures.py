@@ -22,7 +22,6 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 
 from dino_detr import add_dino_config
 from dino_detr.checkpoint import convert_state_dict
@@ -33,7 +32,7 @@ from dino_detr.modeling import denoising
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 sys.path.insert(0, FIXTURES)
-from training_batch import fixture_images, fixture_targets, fixture_weights  # noqa: E402
+from training_batch import detectron2_inputs, fixture_weights  # noqa: E402
 
 OUTPUT_TOL = 1e-10
 GRAD_RTOL = 1e-9
@@ -86,17 +85,6 @@ def build_converted_model(record):
     return model.train()
 
 
-def batched_inputs():
-    inputs = []
-    for image, t in zip(fixture_images(), fixture_targets()):
-        inst = Instances(tuple(image.shape[-2:]))
-        inst.gt_boxes = Boxes(t["boxes_xyxy"])
-        inst.gt_boxes.tensor = t["boxes_xyxy"]  # float64 (Boxes() makes float32)
-        inst.gt_classes = t["labels"]
-        inputs.append({"image": image, "instances": inst})
-    return inputs
-
-
 def inject_reference_noise(monkeypatch, noise):
     """Our denoising draws := the reference's (same entries: copy, image, box)."""
 
@@ -125,7 +113,7 @@ def train_step(model, monkeypatch, record):
         return captured
 
     monkeypatch.setattr(model, "predict", capture)
-    losses = model(batched_inputs())
+    losses = model(detectron2_inputs())
     sum(losses.values()).backward()
     return losses, captured
 
