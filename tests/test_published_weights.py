@@ -9,6 +9,7 @@ import http.server
 import io
 import logging
 import os
+import re
 import sys
 import threading
 
@@ -38,6 +39,7 @@ from dino_detr.modeling.swin import relative_position_index
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETREX = "detrex/dino_r50_4scale_12ep"
 MMDET = "mmdet/dino-4scale_r50_8xb2-12e_coco"
+MMDET_SWINL = "mmdet/dino-5scale_swin-l_8xb2-12e_coco"
 OFFICIAL = "official/dino_r50_4scale_12ep"
 # The smallest inputs with enough encoder tokens (> 900) for the published models' 900 queries.
 SMALL_IMAGE = ["INPUT.MIN_SIZE_TEST", "192", "INPUT.MAX_SIZE_TEST", "256", "MODEL.DEVICE", "cpu"]
@@ -154,17 +156,24 @@ _MANIFEST_OF = {
     "detrex/dino_swin_large_384_5scale_36ep": "detrex_dino_swinl_5scale",
     "mmdet/dino-4scale_r50_8xb2-12e_coco": "mmdet_dino_r50_4scale",
     "mmdet/dino-4scale_r50_improved_8xb2-12e_coco": "mmdet_dino_r50_4scale",
+    "mmdet/dino-5scale_swin-l_8xb2-12e_coco": "mmdet_dino_swinl_5scale",
+    "mmdet/dino-5scale_swin-l_8xb2-36e_coco": "mmdet_dino_swinl_5scale",
     "official/dino_r50_4scale_12ep": "official_dino_r50_4scale",
     "official/dino_r50_5scale_36ep": "official_dino_r50_5scale",
 }
 
 
+def _with_index_buffers(sd):
+    """The Swin ``relative_position_index`` buffers as the source models compute them (checked on conversion)."""
+    for key in [k for k in sd if k.endswith("relative_position_index")]:
+        sd[key] = relative_position_index(int(sd[key].shape[0] ** 0.5))
+    return sd
+
+
 @pytest.mark.parametrize("name", sorted(_MANIFEST_OF))
 def test_table_config_is_what_the_weights_need(name):
     """The table's config + options have every value the converter reads off the weights."""
-    sd = random_checkpoint(_MANIFEST_OF[name])
-    for key in [k for k in sd if k.endswith("relative_position_index")]:
-        sd[key] = relative_position_index(int(sd[key].shape[0] ** 0.5))
+    sd = _with_index_buffers(random_checkpoint(_MANIFEST_OF[name]))
     entry = published_weights(name)
     source_config = {}
     if "improved" in name:  # read from the config text mmdetection stores in the checkpoint
@@ -215,11 +224,19 @@ def test_given_hash_is_checked_not_a_file_name_that_looks_like_one(cache, server
     assert open(PathManager.get_local_path(url, sha256=hashlib.sha256(data).hexdigest()[:8]), "rb").read() == data
 
 
-def test_table_hash_is_checked(cache, monkeypatch):
-    entry = published_weights(MMDET)  # its published prefix does not match these bytes
+# mmdetection's own storage; a contributor's GitHub release, linked from mmdetection's metafile
+@pytest.mark.parametrize("name", [MMDET, "mmdet/dino-5scale_swin-l_8xb2-36e_coco"])
+def test_table_hash_is_checked(name, cache, monkeypatch):
+    entry = published_weights(name)  # its published prefix does not match these bytes
     _serve(entry, b"not the published file")
     with pytest.raises(ChecksumError, match=f"expected {entry.sha256}"):
-        PathManager.get_local_path("dino_detr://" + MMDET)
+        PathManager.get_local_path("dino_detr://" + name)
+    data = b"a file with the published prefix"
+    monkeypatch.setitem(
+        PUBLISHED_WEIGHTS, name, dataclasses.replace(entry, sha256=hashlib.sha256(data).hexdigest()[:8])
+    )
+    _serve(entry, data)
+    assert open(PathManager.get_local_path("dino_detr://" + name), "rb").read() == data
 
 
 def test_changed_cached_file_is_detected(cache):
@@ -267,13 +284,12 @@ def test_official_weights_are_placed_by_hand(cache):
 
 # ----------------------------------------------------------------------------- layouts on load
 
+_MMDET_CFG = "positional_encoding=dict(temperature=20)"
 _LAYOUTS = {  # name -> (manifest, what the file holds besides the weights)
     OFFICIAL: ("official_dino_r50_4scale", lambda sd: {"model": sd, "epoch": 11}),
     DETREX: ("detrex_dino_r50_4scale", lambda sd: {"model": sd}),
-    MMDET: (
-        "mmdet_dino_r50_4scale",
-        lambda sd: {"meta": {"cfg": "positional_encoding=dict(temperature=20)"}, "state_dict": sd},
-    ),
+    MMDET: ("mmdet_dino_r50_4scale", lambda sd: {"meta": {"cfg": _MMDET_CFG}, "state_dict": sd}),
+    MMDET_SWINL: ("mmdet_dino_swinl_5scale", lambda sd: {"meta": {"cfg": _MMDET_CFG}, "state_dict": sd}),
 }
 
 
@@ -285,7 +301,7 @@ def _publish(name, cache):
     sd = {
         k: v.abs() + 0.5 if k.endswith("running_var") else v * 0.05 for k, v in random_checkpoint(manifest, 3).items()
     }
-    data = _saved(wrap(sd))
+    data = _saved(wrap(_with_index_buffers(sd)))
     entry = published_weights(name)
     if entry.url is None:
         os.makedirs(os.path.dirname(manual_path(entry)), exist_ok=True)
@@ -296,7 +312,7 @@ def _publish(name, cache):
     return sd, hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("name", [OFFICIAL, DETREX, MMDET])
+@pytest.mark.parametrize("name", [OFFICIAL, DETREX, MMDET, MMDET_SWINL])
 def test_each_layout_loads_by_name_with_every_tensor_used(name, cache, monkeypatch, caplog):
     sd, sha = _publish(name, cache)
     entry = published_weights(name)
@@ -316,9 +332,12 @@ def test_each_layout_loads_by_name_with_every_tensor_used(name, cache, monkeypat
     by_shape = {}
     for v in model_sd.values():
         by_shape.setdefault(tuple(v.shape), []).append(v)
-    for k, v in sd.items():  # ... and every file tensor reaches the model (class rows: test_convert_checkpoint)
+    # ... and every file tensor reaches the model (class rows: test_convert_checkpoint; mmdetection's patch
+    # merging, whose channels are permuted: test_swin_convert; counters and Swin index buffers: not weights)
+    for k, v in sd.items():
         class_rows = is_class_dependent(k.removeprefix("transformer.decoder.")) or k.startswith("dn_query_generator.")
-        if not class_rows and not k.endswith("num_batches_tracked"):
+        permuted = re.match(r"backbone\.stages\.\d+\.downsample\.", k)
+        if not (class_rows or permuted or k.endswith(("num_batches_tracked", "relative_position_index"))):
             assert any(torch.equal(v, t) for t in by_shape.get(tuple(v.shape), [])), k
 
 

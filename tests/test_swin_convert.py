@@ -1,8 +1,9 @@
-"""Conversion of the official DINO Swin-L checkpoints (4- and 5-scale) and of the ImageNet-22k Swin-L
-classifier: every tensor placed or explained, buffers checked, strict loading, failures named.
+"""Conversion of the official DINO, detrex and mmdetection Swin-L checkpoints (4- and 5-scale) and of the
+ImageNet-22k Swin-L classifier: every tensor placed or explained, buffers checked, mmdetection's
+patch-merging channel order, strict loading, failures named.
 
 Source checkpoints are random tensors with the names and shapes of the real models, read from the
-manifests in ``tests/manifests`` (generated from IDEA-Research/DINO and
+manifests in ``tests/manifests`` (generated from IDEA-Research/DINO, detrex, mmdetection and
 microsoft/Swin-Transformer); derived buffers get the values those models compute."""
 
 import argparse
@@ -12,13 +13,15 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from test_convert_checkpoint import manifest, random_checkpoint
+from torch import nn
 
 from dino_detr import get_dino_cfg
 from dino_detr.checkpoint import check_against_model, convert_state_dict
-from dino_detr.modeling.swin import relative_position_index, shifted_window_mask
+from dino_detr.modeling.swin import PatchMerging, relative_position_index, shifted_window_mask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSIFIER = "swin_large_patch4_window12_384_22k"
@@ -205,3 +208,93 @@ def test_detrex_swinl_converts_to_the_swin_configs(scale):
         "backbone.patch_embed.proj.weight",
     ):
         assert torch.equal(conv.state_dict[key], src[key]), key
+
+
+# ----------------------------------------------------------------------------- mmdetection
+
+
+@pytest.fixture(scope="module")
+def mmdet_swinl():
+    """mmdetection's dino-5scale_swin-l (random tensors, its relative_position_index buffers) and its conversion."""
+    src = with_buffers(random_checkpoint("mmdet_dino_swinl_5scale"))
+    return src, convert_state_dict(src, "mmdet")
+
+
+def test_mmdet_swinl_5scale_converts_and_loads_strictly(mmdet_swinl, tmp_path):
+    src, conv = mmdet_swinl
+    assert conv.base_config == "configs/dino_swinl_5scale.yaml"
+    assert conv.config["MODEL.DINO.IN_FEATURES"] == ["swin0", "swin1", "swin2", "swin3"]
+    assert conv.config["MODEL.SWIN.DEPTHS"] == [2, 2, 18, 2] and conv.config["MODEL.SWIN.WINDOW_SIZE"] == 12
+    assert conv.config["MODEL.DINO.DEC_PRED_BBOX_EMBED_SHARE"] is False
+    assert (conv.config["MODEL.DINO.PE_TEMPERATURE_H"], conv.config["MODEL.DINO.PE_OFFSET"]) == (20, 0.0)
+    # 24 relative_position_index buffers checked, not copied; 5 zero neck biases added; this model's
+    # decoder aliases of the 6 box heads (6 tensors each)
+    assert len(conv.state_dict) == len(src) - 24 + 5 + 36
+    assert any("9 Swin patch-merging tensors" in n for n in conv.notes)
+    path = str(tmp_path / "converted.pth")
+    torch.save({"model": conv.state_dict}, path)
+    model = model_of(conv.base_config, conv.opts())
+    DetectionCheckpointer(model).load(path)
+    model_sd = model.state_dict()
+    assert set(model_sd) == set(conv.state_dict)
+    for k, v in model_sd.items():
+        assert torch.equal(v, conv.state_dict[k]), k
+    pairs = {
+        "backbone.patch_embed.projection.weight": "backbone.patch_embed.proj.weight",
+        "backbone.patch_embed.norm.bias": "backbone.patch_embed.norm.bias",
+        "backbone.stages.2.blocks.17.attn.w_msa.relative_position_bias_table": "backbone.layers.2.blocks.17.attn.relative_position_bias_table",
+        "backbone.stages.2.blocks.5.attn.w_msa.qkv.weight": "backbone.layers.2.blocks.5.attn.qkv.weight",
+        "backbone.stages.3.blocks.1.attn.w_msa.proj.bias": "backbone.layers.3.blocks.1.attn.proj.bias",
+        "backbone.stages.1.blocks.1.norm2.weight": "backbone.layers.1.blocks.1.norm2.weight",
+        "backbone.stages.0.blocks.0.ffn.layers.0.0.weight": "backbone.layers.0.blocks.0.mlp.fc1.weight",
+        "backbone.stages.3.blocks.0.ffn.layers.1.bias": "backbone.layers.3.blocks.0.mlp.fc2.bias",
+        "backbone.norm0.weight": "backbone.norm0.weight",
+        "neck.convs.0.conv.weight": "input_proj.0.0.weight",
+        "neck.extra_convs.0.conv.weight": "input_proj.4.0.weight",
+        "neck.extra_convs.0.gn.bias": "input_proj.4.1.bias",
+        "bbox_head.cls_branches.6.weight": "transformer.enc_out_class_embed.weight",
+    }
+    for s, o in pairs.items():
+        assert torch.equal(model_sd[o], src[s]), (s, o)
+
+
+def _mmdet_patch_merging(x, weight, norm_weight, norm_bias):
+    """mmdetection's PatchMerging, from its definition: (B, H, W, C) zero-padded at the bottom / right to even
+    sides, ``nn.Unfold(kernel_size=2, stride=2)`` on (B, C, H, W), LayerNorm over the 4C samples, bias-free
+    Linear. Returns (B, ceil(H/2), ceil(W/2), 2C)."""
+    b, h, w, c = x.shape
+    x = F.pad(x.permute(0, 3, 1, 2), (0, w % 2, 0, h % 2))
+    samples = nn.Unfold(kernel_size=2, stride=2)(x).transpose(1, 2)  # (B, L, 4C)
+    out = F.linear(F.layer_norm(samples, (4 * c,), norm_weight, norm_bias), weight)
+    return out.view(b, -(-h // 2), -(-w // 2), 2 * c)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_mmdet_patch_merging_channel_order(mmdet_swinl, stage):
+    """The converted patch merging of a stage computes mmdetection's (the weights are random, so any other
+    channel order differs); loaded without the conversion's permutation it does not."""
+    src, conv = mmdet_swinl
+    theirs = [src[f"backbone.stages.{stage}.downsample.{n}"] for n in ("reduction.weight", "norm.weight", "norm.bias")]
+    c = theirs[0].shape[1] // 4
+    x = torch.randn(2, 5, 8, c, generator=torch.Generator().manual_seed(stage))  # odd height: padded
+    expected = _mmdet_patch_merging(x, *theirs)
+    ours = PatchMerging(c)
+    prefix = f"backbone.layers.{stage}.downsample."
+    ours.load_state_dict({k[len(prefix) :]: v for k, v in conv.state_dict.items() if k.startswith(prefix)})
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-4)
+        ours.load_state_dict(dict(zip(("reduction.weight", "norm.weight", "norm.bias"), theirs)))
+        assert (ours(x) - expected).abs().max() > 0.1
+
+
+def test_mmdet_swin_is_recognised_and_buffers_checked(mmdet_swinl):
+    from dino_detr.checkpoint import layout_of
+
+    src, _ = mmdet_swinl
+    assert layout_of(src) == "mmdet"
+    key = "backbone.stages.3.blocks.1.attn.w_msa.relative_position_index"
+    with pytest.raises(ValueError, match=re.escape(key)):
+        convert_state_dict(dict(src, **{key: src[key].flip(1)}), "mmdet")
+    key = "backbone.stages.1.downsample.reduction.weight"
+    with pytest.raises(ValueError, match=re.escape("backbone.layers.1.downsample.reduction.weight")):
+        convert_state_dict(dict(src, **{key: src[key][:, :-2]}), "mmdet")

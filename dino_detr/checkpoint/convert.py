@@ -17,7 +17,13 @@ from torch import nn
 from .coco_classes import COCO_NUM_IDS, rows_91_to_80
 from .rename import detrex_rules, mmdet_rules, official_rules, rename
 from .rename import layer_count as _layer_count
-from .swin import check_swin_buffer, convert_swin_classifier, infer_swin_config, is_swin_buffer
+from .swin import (
+    check_swin_buffer,
+    convert_swin_classifier,
+    infer_swin_config,
+    is_swin_buffer,
+    reorder_patch_merging,
+)
 
 __all__ = ["SOURCES", "CLASS_LAYOUTS", "Conversion", "convert_state_dict", "check_against_model", "source_of"]
 
@@ -100,6 +106,16 @@ def _add_missing_conv_bias(out: Dict[str, torch.Tensor], notes: List[str]) -> No
             added += 1
     if added:
         notes.append(f"input_proj: {added} zero convolution biases added (mmdetection's neck convolutions have none)")
+
+
+def _reorder_patch_merging(out: Dict[str, torch.Tensor], notes: List[str]) -> None:
+    """mmdetection's Swin merges patches with ``nn.Unfold``: another order of the 4C channels."""
+    permuted = reorder_patch_merging(out)
+    if permuted:
+        notes.append(
+            f"{permuted} Swin patch-merging tensors: input channels permuted from mmdetection's nn.Unfold order "
+            "to the x0..x3 concatenation of this model"
+        )
 
 
 def _check_alias(source_sd, alias: str, source: str) -> str:
@@ -248,7 +264,7 @@ def convert_state_dict(
     source_config: Optional[Dict[str, object]] = None,
 ) -> Conversion:
     """Convert the weights of an official (``source="official"``, ResNet or Swin), detrex (ResNet or
-    Swin) or mmdetection (``"mmdet"``, ResNet) DINO checkpoint, or of an ImageNet Swin classifier
+    Swin) or mmdetection (``"mmdet"``, ResNet or Swin) DINO checkpoint, or of an ImageNet Swin classifier
     (``"swin-imagenet"``: backbone only).
 
     Args:
@@ -277,7 +293,7 @@ def convert_state_dict(
                 raise ValueError(f"mmdet checkpoint: {key!r} has shape {tuple(tensor.shape)}, not a counter")
             counters += 1
             continue
-        if source in ("official", "detrex") and is_swin_buffer(key):
+        if is_swin_buffer(key):
             check_swin_buffer(key, tensor)
             buffers += 1
             continue
@@ -294,6 +310,7 @@ def convert_state_dict(
         notes.append(f"{counters} BatchNorm num_batches_tracked counters not copied (frozen BatchNorm has none)")
     if source == "mmdet":
         _add_missing_conv_bias(out, notes)
+        _reorder_patch_merging(out, notes)
     if buffers:
         notes.append(f"{buffers} Swin relative_position_index buffers checked against the window size, not copied")
     _link_decoder_box_heads(out, source)

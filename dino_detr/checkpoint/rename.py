@@ -191,18 +191,42 @@ def detrex_rules(num_backbone_levels: int, num_decoder_layers: int) -> List[Rena
     )
 
 
+_MMDET_SWIN_BLOCK = r"backbone\.stages\.(\d+)\.blocks\.(\d+)\."
+_OURS_SWIN_BLOCK = r"backbone.layers.\1.blocks.\2."
+
+# mmdetection's ``SwinTransformer`` -> this project's Swin names. Its ``PatchMerging`` orders the 4C
+# channels as ``nn.Unfold`` does: the caller permutes ``downsample.*`` (``swin.unfold_to_concat_order``).
+_MMDET_SWIN = [
+    (r"backbone\.patch_embed\.projection\." + _PARAM, r"backbone.patch_embed.proj.\1"),
+    (r"backbone\.(patch_embed\.norm|norm\d)\." + _PARAM, r"\g<0>"),
+    (_MMDET_SWIN_BLOCK + r"(norm[12]\." + _PARAM + ")", _OURS_SWIN_BLOCK + r"\3"),
+    (
+        _MMDET_SWIN_BLOCK + r"attn\.w_msa\.((qkv|proj)\." + _PARAM + "|relative_position_bias_table)",
+        _OURS_SWIN_BLOCK + r"attn.\3",
+    ),
+    (_MMDET_SWIN_BLOCK + r"ffn\.layers\.0\.0\." + _PARAM, _OURS_SWIN_BLOCK + r"mlp.fc1.\3"),
+    (_MMDET_SWIN_BLOCK + r"ffn\.layers\.1\." + _PARAM, _OURS_SWIN_BLOCK + r"mlp.fc2.\3"),
+    (
+        r"backbone\.stages\.(\d+)\.downsample\.(reduction\.weight|norm\." + _PARAM + ")",
+        r"backbone.layers.\1.downsample.\2",
+    ),
+]
+
+
 def mmdet_rules(num_backbone_levels: int, num_decoder_layers: int) -> List[RenameRule]:
-    """open-mmlab/mmdetection ``configs/dino`` (torchvision-style ``ResNet`` under ``backbone``,
-    ``ChannelMapper`` neck with GroupNorm ``gn`` and bias-free convolutions, ``bbox_head`` with one
-    classifier / box MLP per decoder layer plus one for the encoder proposals, the denoising label
-    embedding in ``dn_query_generator``). BatchNorm ``num_batches_tracked`` counters are left to the
-    caller."""
+    """open-mmlab/mmdetection ``configs/dino`` (torchvision-style ``ResNet`` or mmdetection's
+    ``SwinTransformer`` under ``backbone``, ``ChannelMapper`` neck with GroupNorm ``gn`` and
+    bias-free convolutions, ``bbox_head`` with one classifier / box MLP per decoder layer plus one
+    for the encoder proposals, the denoising label embedding in ``dn_query_generator``). BatchNorm
+    ``num_batches_tracked`` counters, Swin ``relative_position_index`` buffers and the patch-merging
+    channel order are left to the caller."""
     box_layer = {"0": "0", "2": "1", "4": "2"}  # Sequential(Linear, ReLU, Linear, ReLU, Linear)
     return _rules(
         [
             (r"backbone\.conv1\.weight", "backbone.stem.conv1.weight"),
             (r"backbone\.bn1\." + _NORM, r"backbone.stem.conv1.norm.\1"),
             (r"backbone\." + _TORCHVISION_BLOCK, _torchvision_block),
+            *_MMDET_SWIN,
             *_channel_mapper(r"neck\.", "gn", num_backbone_levels),
             (r"level_embed", "transformer.level_embed"),
             (r"query_embedding\.weight", "transformer.tgt_embed.weight"),

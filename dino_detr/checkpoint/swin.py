@@ -1,7 +1,7 @@
 """Swin parts of the checkpoint conversion: the buffers that Swin checkpoints store but that follow
-from the architecture (checked, not copied), the Swin config read off the tensors, and the
-ImageNet classifiers of microsoft/Swin-Transformer (``swin_large_patch4_window12_384_22k.pth``)
-as backbone-only Detectron2 weights."""
+from the architecture (checked, not copied), the Swin config read off the tensors, the channel
+order of mmdetection's patch merging, and the ImageNet classifiers of microsoft/Swin-Transformer
+(``swin_large_patch4_window12_384_22k.pth``) as backbone-only Detectron2 weights."""
 
 import math
 import re
@@ -12,9 +12,21 @@ import torch
 from ..modeling.swin import relative_position_index, shifted_window_mask
 from .rename import SWIN_BODY, layer_count
 
-__all__ = ["is_swin_buffer", "check_swin_buffer", "infer_swin_config", "convert_swin_classifier"]
+__all__ = [
+    "is_swin_buffer",
+    "check_swin_buffer",
+    "infer_swin_config",
+    "convert_swin_classifier",
+    "unfold_to_concat_order",
+    "reorder_patch_merging",
+]
 
-_BUFFER = re.compile(r"(.*\.)?layers\.\d+\.blocks\.\d+\.(attn\.relative_position_index|attn_mask)\Z")
+# official / ImageNet ``layers.{i}.blocks.{j}.attn.*``; mmdetection ``stages.{i}.blocks.{j}.attn.w_msa.*``
+_BUFFER = re.compile(
+    r"(.*\.)?(layers\.\d+\.blocks\.\d+\.(attn\.relative_position_index|attn_mask)"
+    r"|stages\.\d+\.blocks\.\d+\.attn\.w_msa\.relative_position_index)\Z"
+)
+_PATCH_MERGING = re.compile(r"backbone\.layers\.\d+\.downsample\.(reduction\.weight|norm\.(weight|bias))\Z")
 _BODY = re.compile(SWIN_BODY + r"\Z")
 _CLASSIFIER_ONLY = re.compile(r"(head|norm)\.(weight|bias)\Z")
 #: The published Swin backbones and the config files built for them.
@@ -23,7 +35,7 @@ _SWIN_T = (96, [2, 2, 6, 2], [3, 6, 12, 24], 7)
 
 
 def is_swin_buffer(key: str) -> bool:
-    """``relative_position_index`` (official DINO, ImageNet) or ``attn_mask`` (ImageNet) of a block."""
+    """``relative_position_index`` (official DINO, ImageNet, mmdetection) or ``attn_mask`` (ImageNet) of a block."""
     return _BUFFER.match(key) is not None
 
 
@@ -47,6 +59,41 @@ def check_swin_buffer(key: str, tensor: torch.Tensor) -> None:
         expected = shifted_window_mask(side, side, window, window // 2)
     if tuple(tensor.shape) != tuple(expected.shape) or not torch.equal(tensor.to(expected.dtype), expected):
         raise ValueError(f"{key}: differs from the {key.rsplit('.', 1)[-1]} of a {window}x{window} window")
+
+
+def unfold_to_concat_order(channels: int) -> torch.Tensor:
+    """Where each input channel of this project's :class:`~dino_detr.modeling.swin.PatchMerging`
+    sits in mmdetection's.
+
+    Both merge each 2x2 neighbourhood of a (H, W, C) map into 4C channels. This project concatenates
+    the neighbours x0 (row 0, column 0), x1 (1, 0), x2 (0, 1), x3 (1, 1) as the Swin paper does:
+    channel ``k * C + c``. mmdetection samples them with ``nn.Unfold(kernel_size=2, stride=2)`` on the
+    (C, H, W) map: channel ``c * 4 + 2 * row + column``.
+
+    Args:
+        channels: 4C.
+    Returns:
+        (4C,) int64 ``index``: ours[..., j] = mmdetection's[..., index[j]].
+    """
+    c = channels // 4
+    neighbour, channel = torch.arange(4).repeat_interleave(c), torch.arange(c).repeat(4)
+    row, column = neighbour % 2, neighbour // 2
+    return channel * 4 + 2 * row + column
+
+
+def reorder_patch_merging(out: Dict[str, torch.Tensor]) -> int:
+    """Permutes the 4C input channels of every ``backbone.layers.{i}.downsample`` (reduction weight
+    (2C, 4C), norm weight and bias (4C,)) from mmdetection's order to this project's
+    (:func:`unfold_to_concat_order`), in place. Returns the number of tensors permuted."""
+    keys = [k for k in out if _PATCH_MERGING.match(k)]
+    for key in keys:
+        channels = out[key].shape[-1]
+        if channels % 4:
+            raise ValueError(
+                f"{key}: {channels} patch-merging input channels, not a multiple of 4 (4 x the stage's channels)"
+            )
+        out[key] = out[key].index_select(-1, unfold_to_concat_order(channels))
+    return len(keys)
 
 
 def _window(table: torch.Tensor, key: str) -> int:

@@ -42,6 +42,8 @@ _DETREX = "https://github.com/IDEA-Research/detrex-storage/releases/download/"
 _DETREX_PAGE = "https://github.com/IDEA-Research/detrex/blob/main/projects/dino/README.md"
 _MMDET = "https://download.openmmlab.com/mmdetection/v3.0/dino/"
 _MMDET_PAGE = "https://github.com/open-mmlab/mmdetection/blob/main/configs/dino/README.md"
+# Where mmdetection's metafile links its 36-epoch Swin-L DINO (a contributor's release, not its own storage).
+_MMDET_SWINL_36E = "https://github.com/RistoranteRist/mmlab-weights/releases/download/dino-swinl/"
 _OFFICIAL_PAGE = "https://drive.google.com/drive/folders/1qD5m1NmK0kjE5hh-G17XUX751WsEG-h_"
 _OFFICIAL_BAIDU = "https://pan.baidu.com/s/1St5rvfgfPwpnPuf_Oe6DpQ (code: DINO)"
 
@@ -87,9 +89,13 @@ def _detrex(name: str, release: str, file_name: str, config: str, box_ap: float,
     )  # fmt: skip
 
 
-def _mmdet(name: str, stamp: str, sha256: str, config: str, box_ap: float, opts) -> PublishedWeights:
-    file_name = f"{name}_{stamp}-{sha256}.pth"
-    url = f"{_MMDET}{name}/{file_name}"
+def _mmdet(
+    name: str, stamp: Optional[str], sha256: str, config: str, box_ap: float, opts, folder: Optional[str] = None
+) -> PublishedWeights:
+    """mmdetection's ``{name}_{stamp}-{sha256}.pth`` in its storage's ``{name}/`` folder, or, for a file its
+    metafile links elsewhere, ``{name}-{sha256}.pth`` (no time stamp) in ``folder``."""
+    file_name = f"{name}_{stamp}-{sha256}.pth" if stamp else f"{name}-{sha256}.pth"
+    url = f"{folder or _MMDET + name + '/'}{file_name}"
     return PublishedWeights(f"mmdet/{name}", "mmdet", url, file_name, config, opts, box_ap, sha256, _MMDET_PAGE)
 
 
@@ -135,6 +141,10 @@ PUBLISHED_WEIGHTS: Dict[str, PublishedWeights] = {
             50.1,
             _PER_LAYER_HEADS + _PE_10000 + ("MODEL.DINO.DN_NUMBER", "300"),
         ),  # fmt: skip
+        _mmdet("dino-5scale_swin-l_8xb2-12e_coco", "20230228_072924", "a654145f", _SWINL_5, 57.2, _PER_LAYER_HEADS),
+        _mmdet(
+            "dino-5scale_swin-l_8xb2-36e_coco", None, "5486e051", _SWINL_5, 58.4, _PER_LAYER_HEADS, _MMDET_SWINL_36E
+        ),
         _official("dino_r50_4scale_12ep", "checkpoint0011_4scale.pth", _R50_4, 49.0),
         _official("dino_r50_4scale_24ep", "checkpoint0023_4scale.pth", _R50_4, 50.4),
         _official("dino_r50_4scale_36ep", "checkpoint0033_4scale.pth", _R50_4, 50.9),
