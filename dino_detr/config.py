@@ -129,6 +129,8 @@ def check_dino_config(cfg):
         )
     if not 0.0 <= d.DN_LABEL_NOISE_RATIO <= 1.0:
         raise ValueError(f"MODEL.DINO.DN_LABEL_NOISE_RATIO must be in [0, 1], got {d.DN_LABEL_NOISE_RATIO}")
+    if not 0 < d.BOX_PREDICTION_EPS < 0.5:
+        raise ValueError(f"MODEL.DINO.BOX_PREDICTION_EPS must be in (0, 0.5), got {d.BOX_PREDICTION_EPS}")
     if d.DN_BOX_NOISE_SCALE < 0 or d.DN_NUMBER < 0:
         raise ValueError("MODEL.DINO.DN_BOX_NOISE_SCALE and MODEL.DINO.DN_NUMBER must be >= 0")
     if d.COMPILE and d.COMPILE not in torch._dynamo.list_backends(exclude_tags=()):
@@ -205,6 +207,11 @@ def _add_model_config(cfg):
     # Heads
     d.DEC_PRED_CLASS_EMBED_SHARE = True
     d.DEC_PRED_BBOX_EMBED_SHARE = True
+    # Floor of the inverse sigmoid of the previous box when a decoder layer's box head refines it
+    # into the layer's predicted box (look forward twice): 1e-3 (official DINO, detrex); mmdetection's
+    # head uses 1e-5 (its decoder's own refinement keeps 1e-3). Matters only for box coordinates
+    # within the floor of 0 or 1.
+    d.BOX_PREDICTION_EPS = 1e-3
     # Losses and matcher
     d.FOCAL_ALPHA = 0.25
     d.FOCAL_GAMMA = 2.0

@@ -347,6 +347,7 @@ def test_mmdet_converts_and_loads_strictly(tmp_path):
     assert conv.base_config == "configs/dino_r50_4scale.yaml"
     assert conv.config["MODEL.DINO.DEC_PRED_CLASS_EMBED_SHARE"] is False
     assert (conv.config["MODEL.DINO.PE_TEMPERATURE_H"], conv.config["MODEL.DINO.PE_OFFSET"]) == (20, 0.0)
+    assert conv.config["MODEL.DINO.BOX_PREDICTION_EPS"] == 1e-5  # mmdetection's head; official / detrex 1e-3
     strict_load(conv, 4, tmp_path)
     counters = [k for k in src if k.endswith("num_batches_tracked")]
     # counters dropped; 4 zero neck biases added; this model's decoder aliases of the 6 box heads (6 tensors each)

@@ -350,6 +350,18 @@ def test_path_in_another_layout_needs_its_config(cache, tmp_path):
         SafeCheckpointer(build_model(cfg)).load(str(path))
 
 
+def test_mmdet_path_needs_its_box_prediction_floor(cache, tmp_path):
+    """mmdetection's head floors the inverse sigmoid at 1e-5: a model built with per-layer heads but the
+    official floor is refused with the option named."""
+    path = tmp_path / "dino-4scale_r50_8xb2-12e_coco.pth"
+    torch.save({"meta": {}, "state_dict": random_checkpoint("mmdet_dino_r50_4scale", seed=5)}, path)
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.DINO.DEC_PRED_CLASS_EMBED_SHARE", "False"]
+    opts += ["MODEL.DINO.DEC_PRED_BBOX_EMBED_SHARE", "False"]
+    cfg = get_dino_cfg(os.path.join(REPO, "configs", "dino_r50_4scale.yaml"), opts)
+    with pytest.raises(ValueError, match=r"add the config options MODEL\.DINO\.BOX_PREDICTION_EPS 1e-05 "):
+        SafeCheckpointer(build_model(cfg)).load(str(path))
+
+
 class _OtherDetector(torch.nn.Module):
     """Not DINO, with names that are telltales of the DINO sources (``neck.``, ``bbox_head.``)."""
 

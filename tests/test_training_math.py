@@ -261,6 +261,36 @@ def test_mixed_query_selection_and_look_forward_twice_in_the_model(tiny_model):
     assert _grad(losses["loss_class_enc"], model.transformer.enc_out_class_embed) > 0
 
 
+@pytest.mark.parametrize("eps", [1e-3, 1e-5])
+def test_box_prediction_eps_floors_the_previous_box_in_every_layer(eps):
+    """``MODEL.DINO.BOX_PREDICTION_EPS`` (mmdetection's head: 1e-5) is the inverse-sigmoid floor of
+    the previous box in each layer's prediction: with previous boxes pushed to 1 - 1e-4 (between the
+    two floors) the predictions follow ``sigmoid(delta + log(x / max(1 - x, eps)))``."""
+    cfg = get_dino_cfg(REPO / "configs" / "dino_demo.yaml", TINY_MODEL)
+    cfg.merge_from_list(["MODEL.DINO.BOX_PREDICTION_EPS", eps, "MODEL.DINO.DEC_PRED_BBOX_EMBED_SHARE", False])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    seen = {}
+
+    def saturate(module, args, output):
+        hidden, boxes = output
+        boxes = [torch.full_like(b, 1 - 1e-4) for b in boxes]
+        seen["hidden"] = hidden
+        return hidden, boxes
+
+    handle = model.transformer.decoder.register_forward_hook(saturate)
+    try:
+        images = model.preprocess_image(_batch())
+        with torch.no_grad():
+            out = model.predict(images, None)
+    finally:
+        handle.remove()
+    for head, hidden, layer in zip(model.bbox_embed, seen["hidden"], out["layers"]):
+        x = torch.full((4,), 1 - 1e-4, dtype=torch.float64)
+        expected = (head(hidden).double() + torch.log(x / (1 - x).clamp(min=eps))).sigmoid()
+        torch.testing.assert_close(layer["pred_boxes"].double(), expected, rtol=0, atol=1e-6)
+
+
 def test_model_wires_the_configured_weights_costs_and_focal_parameters():
     cfg = get_dino_cfg(REPO / "configs" / "dino_demo.yaml", TINY_MODEL)
     values = {

@@ -231,6 +231,7 @@ def _infer_config(out: Dict[str, torch.Tensor], source: str, num_classes: int):
             "MODEL.DINO.PE_TEMPERATURE_H": temperature,
             "MODEL.DINO.PE_TEMPERATURE_W": temperature,
             "MODEL.DINO.PE_OFFSET": offset,
+            "MODEL.DINO.BOX_PREDICTION_EPS": _BOX_PREDICTION_EPS.get(source, 1e-3),
         }
     )
     return config, base
@@ -240,6 +241,9 @@ def _infer_config(out: Dict[str, torch.Tensor], source: str, num_classes: int):
 # offset=-0.5); mmdetection's base config SinePositionalEncoding(temperature=20, offset=0.0) like the
 # official DINO (its "improved" config: 10000 and -0.5, given with ``source_config``).
 _POSITION_EMBEDDING = {"detrex": (10000, -0.5), "mmdet": (20, 0.0), "official": (20, 0.0)}
+# Floor of the inverse sigmoid in each layer's box prediction: mmdetection's head uses its
+# inverse_sigmoid's default 1e-5; the official DINO and detrex 1e-3.
+_BOX_PREDICTION_EPS = {"mmdet": 1e-5}
 
 
 def _infer_resnet_config(out: Dict[str, torch.Tensor], in_channels: List[int], levels: int):

@@ -65,7 +65,8 @@ def mmdet_source_config(meta: Any) -> Dict[str, object]:
 
 def _model_differences(conversion: Conversion, model: nn.Module) -> List[str]:
     """Config options the converted weights need that ``model`` was not built with (those a
-    strict load cannot see: position embedding, heads shared across decoder layers)."""
+    strict load cannot see: position embedding, heads shared across decoder layers, the box
+    prediction's inverse-sigmoid floor)."""
     needed = conversion.config
     opts = []
     pe = getattr(model, "position_embedding", None)
@@ -77,6 +78,9 @@ def _model_differences(conversion: Conversion, model: nn.Module) -> List[str]:
         value = needed.get(f"MODEL.DINO.{key}")
         if value is not None and hasattr(pe, attr) and float(getattr(pe, attr)) != float(value):
             opts += [f"MODEL.DINO.{key}", f"{value:g}"]
+    eps = needed.get("MODEL.DINO.BOX_PREDICTION_EPS")
+    if eps is not None and float(getattr(model, "box_prediction_eps", eps)) != float(eps):
+        opts += ["MODEL.DINO.BOX_PREDICTION_EPS", f"{eps:g}"]
     for key, heads in (("CLASS", "class_embed"), ("BBOX", "bbox_embed")):
         modules = getattr(model, heads, None)
         shared = modules is not None and len(modules) > 1 and modules[0] is modules[1]

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from detectron2.utils.file_io import PathHandler, PathManager
 from iopath.common.file_io import get_cache_dir
 
-from .convert import _POSITION_EMBEDDING
+from .convert import _BOX_PREDICTION_EPS, _POSITION_EMBEDDING
 from .download import WeightsDownloadError, verify_file
 
 __all__ = [
@@ -54,6 +54,8 @@ _TEMPERATURE, _OFFSET = (str(v) for v in _POSITION_EMBEDDING["detrex"])
 _PE_10000 = ("MODEL.DINO.PE_TEMPERATURE_H", _TEMPERATURE, "MODEL.DINO.PE_TEMPERATURE_W", _TEMPERATURE)
 _PE_10000 += ("MODEL.DINO.PE_OFFSET", _OFFSET)
 _DETREX_OPTS = _PER_LAYER_HEADS + _PE_10000
+# mmdetection's head: per-layer heads, inverse sigmoid floored at 1e-5 in the box prediction
+_MMDET_OPTS = _PER_LAYER_HEADS + ("MODEL.DINO.BOX_PREDICTION_EPS", f"{_BOX_PREDICTION_EPS['mmdet']:g}")
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,15 @@ def _detrex(name: str, release: str, file_name: str, config: str, box_ap: float,
 
 
 def _mmdet(
-    name: str, stamp: Optional[str], sha256: str, config: str, box_ap: float, opts, folder: Optional[str] = None
+    name: str, stamp: Optional[str], sha256: str, config: str, box_ap: float, opts=(), folder: Optional[str] = None
 ) -> PublishedWeights:
     """mmdetection's ``{name}_{stamp}-{sha256}.pth`` in its storage's ``{name}/`` folder, or, for a file its
     metafile links elsewhere, ``{name}-{sha256}.pth`` (no time stamp) in ``folder``."""
     file_name = f"{name}_{stamp}-{sha256}.pth" if stamp else f"{name}-{sha256}.pth"
     url = f"{folder or _MMDET + name + '/'}{file_name}"
-    return PublishedWeights(f"mmdet/{name}", "mmdet", url, file_name, config, opts, box_ap, sha256, _MMDET_PAGE)
+    return PublishedWeights(
+        f"mmdet/{name}", "mmdet", url, file_name, config, _MMDET_OPTS + tuple(opts), box_ap, sha256, _MMDET_PAGE
+    )
 
 
 def _official(name: str, file_name: str, config: str, box_ap: float) -> PublishedWeights:
@@ -132,19 +136,17 @@ PUBLISHED_WEIGHTS: Dict[str, PublishedWeights] = {
         _detrex("dino_swin_large_384_5scale_12ep", "v0.2.1", "dino_swin_large_384_5scale_12ep.pth", _SWINL_5, 57.5),
         _detrex("dino_swin_large_384_4scale_36ep", "v0.2.0", "dino_swin_large_384_4scale_36ep.pth", _SWINL_4, 58.1),
         _detrex("dino_swin_large_384_5scale_36ep", "v0.2.1", "dino_swin_large_384_5scale_36ep.pth", _SWINL_5, 58.5),
-        _mmdet("dino-4scale_r50_8xb2-12e_coco", "20221202_182705", "55b2bba2", _R50_4, 49.0, _PER_LAYER_HEADS),
+        _mmdet("dino-4scale_r50_8xb2-12e_coco", "20221202_182705", "55b2bba2", _R50_4, 49.0),
         _mmdet(
             "dino-4scale_r50_improved_8xb2-12e_coco",
             "20230818_162607",
             "6f47a913",
             _R50_4,
             50.1,
-            _PER_LAYER_HEADS + _PE_10000 + ("MODEL.DINO.DN_NUMBER", "300"),
+            _PE_10000 + ("MODEL.DINO.DN_NUMBER", "300"),
         ),  # fmt: skip
-        _mmdet("dino-5scale_swin-l_8xb2-12e_coco", "20230228_072924", "a654145f", _SWINL_5, 57.2, _PER_LAYER_HEADS),
-        _mmdet(
-            "dino-5scale_swin-l_8xb2-36e_coco", None, "5486e051", _SWINL_5, 58.4, _PER_LAYER_HEADS, _MMDET_SWINL_36E
-        ),
+        _mmdet("dino-5scale_swin-l_8xb2-12e_coco", "20230228_072924", "a654145f", _SWINL_5, 57.2),
+        _mmdet("dino-5scale_swin-l_8xb2-36e_coco", None, "5486e051", _SWINL_5, 58.4, folder=_MMDET_SWINL_36E),
         _official("dino_r50_4scale_12ep", "checkpoint0011_4scale.pth", _R50_4, 49.0),
         _official("dino_r50_4scale_24ep", "checkpoint0023_4scale.pth", _R50_4, 50.4),
         _official("dino_r50_4scale_36ep", "checkpoint0033_4scale.pth", _R50_4, 50.9),

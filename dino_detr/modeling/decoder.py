@@ -66,7 +66,9 @@ class DeformableDecoderLayer(nn.Module):
         return self.norm3(tgt + self.dropout4(ffn))
 
 
-def look_forward_twice(box_head: nn.Module, hidden: torch.Tensor, previous_box: torch.Tensor) -> torch.Tensor:
+def look_forward_twice(
+    box_head: nn.Module, hidden: torch.Tensor, previous_box: torch.Tensor, eps: float = 1e-3
+) -> torch.Tensor:
     """Box prediction of a decoder layer (DINO Sec. 3.5): layer ``i``'s delta refines the box
     of layer ``i-1`` *before* it was detached, so layer ``i``'s loss also updates layer ``i-1``.
 
@@ -74,10 +76,11 @@ def look_forward_twice(box_head: nn.Module, hidden: torch.Tensor, previous_box: 
         box_head: maps (..., C) -> (..., 4) unnormalized delta.
         hidden: (N, Q, C) normalized output of layer ``i``.
         previous_box: (N, Q, 4) undetached refined box of layer ``i-1`` (the anchors for ``i=0``).
+        eps: floor of the inverse sigmoid of ``previous_box`` (``MODEL.DINO.BOX_PREDICTION_EPS``).
     Returns:
         (N, Q, 4) normalized cxcywh.
     """
-    return refine_box(box_head(hidden), previous_box)
+    return refine_box(box_head(hidden), previous_box, eps)
 
 
 class DeformableDecoder(nn.Module):

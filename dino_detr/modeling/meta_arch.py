@@ -159,6 +159,7 @@ class DinoDetr(nn.Module):
         pixel_std: List[float],
         compile_backend: str = "",
         inference_dtype: str = "float32",
+        box_prediction_eps: float = 1e-3,
     ):
         """
         Args:
@@ -177,6 +178,8 @@ class DinoDetr(nn.Module):
                 ``torch.compile(backend=compile_backend, dynamic=True)``; training stays eager.
             inference_dtype: ``MODEL.DINO.INFERENCE_DTYPE``; anything but "float32" converts the model
                 once, at its first inference call (:meth:`prepare_for_inference`).
+            box_prediction_eps: floor of the inverse sigmoid of the previous box in each layer's
+                box prediction (``MODEL.DINO.BOX_PREDICTION_EPS``; mmdetection's head: 1e-5).
         """
         super().__init__()
         self.backbone = backbone
@@ -199,6 +202,7 @@ class DinoDetr(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.compile_backend = compile_backend
         self.inference_dtype = inference_dtype
+        self.box_prediction_eps = box_prediction_eps
         self.prepared_dtype: Optional[torch.dtype] = None  # set by prepare_for_inference
         self._has_trained = False
 
@@ -260,6 +264,7 @@ class DinoDetr(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "compile_backend": d.COMPILE,
             "inference_dtype": d.INFERENCE_DTYPE,
+            "box_prediction_eps": d.BOX_PREDICTION_EPS,
         }
 
     @property
@@ -420,7 +425,7 @@ class DinoDetr(nn.Module):
             self.class_embed, self.bbox_embed, out["hidden"], out["boxes"][:-1]
         ):
             logits = class_head(hidden)
-            boxes = look_forward_twice(box_head, hidden, reference)
+            boxes = look_forward_twice(box_head, hidden, reference, self.box_prediction_eps)
             layers.append({"pred_logits": logits[:, pad:], "pred_boxes": boxes[:, pad:]})
             dn_layers.append({"pred_logits": logits[:, :pad], "pred_boxes": boxes[:, :pad]})
         return {

@@ -31,13 +31,14 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def refine_box(delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Box refinement of Deformable DETR / DINO: ``sigmoid(delta + inverse_sigmoid(reference))``.
+def refine_box(delta: torch.Tensor, reference: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Box refinement of Deformable DETR / DINO: ``sigmoid(delta + inverse_sigmoid(reference, eps))``.
 
     Args:
         delta: (..., 4) unnormalized offsets predicted by a box head.
         reference: (..., 4) normalized cxcywh boxes being refined.
+        eps: floor of :func:`inverse_sigmoid`.
     Returns:
         (..., 4) refined normalized cxcywh boxes.
     """
-    return (delta + inverse_sigmoid(reference)).sigmoid()
+    return (delta + inverse_sigmoid(reference, eps)).sigmoid()
