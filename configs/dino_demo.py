@@ -29,7 +29,7 @@ dataloader = dataloader_for(
     num_workers=0,
     aspect_ratio_grouping=False,
 )
-optimizer = adamw(lr=4e-4, backbone_multiplier=1.0)
-lr_multiplier = step_schedule(max_iter=1000, steps=[850], warmup_iters=50, warmup_factor=0.01)
-train = train_settings("output/dino_demo", max_iter=1000, period=500, seed=0)
+optimizer = adamw(lr=4e-4, backbone_multiplier=2.5)
+lr_multiplier = step_schedule(max_iter=1600, steps=[1350], warmup_iters=50, warmup_factor=0.01)
+train = train_settings("output/dino_demo", max_iter=1600, period=800, seed=0)
 train.eval_period = 0

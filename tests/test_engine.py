@@ -46,6 +46,40 @@ def test_adamw_groups_with_backbone_multiplier():
         build_dino_optimizer(_cfg(OPTIMIZER="LAMB"), model)
 
 
+def test_adamw_is_fused_and_steps_as_the_reference_loop():
+    """Without a float16 grad scaler AdamW runs fused; its steps (both groups, weight decay,
+    clipping) equal torch's per-tensor AdamW on the same clipped gradients."""
+    torch.manual_seed(0)
+    model, reference = _Toy(), _Toy()
+    reference.load_state_dict(model.state_dict())
+    start = model.head.weight.detach().clone()
+    optimizer = build_dino_optimizer(_cfg(), model)
+    assert all(g["fused"] for g in optimizer.param_groups)
+    loop = torch.optim.AdamW(
+        [
+            {"params": list(reference.head.parameters()), "lr": 1e-3},
+            {"params": list(reference.backbone.parameters()), "lr": 1e-4},
+        ],
+        weight_decay=1e-4,
+        foreach=False,
+    )
+    for _ in range(3):
+        x = torch.randn(8, 3)
+        for m, opt in ((model, optimizer), (reference, loop)):
+            opt.zero_grad()
+            (m(x) * 100).sum().backward()
+        torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 0.1)
+        optimizer.step(), loop.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    assert (model.head.weight - start).abs().min() > 1e-5  # every weight moved
+    amp = _cfg()
+    amp.SOLVER.AMP.ENABLED = True
+    assert not any(g["fused"] for g in build_dino_optimizer(amp, model).param_groups)  # float16: GradScaler
+    amp.SOLVER.AMP.PRECISION = "bfloat16"
+    assert all(g["fused"] for g in build_dino_optimizer(amp, model).param_groups)
+
+
 def test_full_model_clipping_bounds_the_total_norm():
     model = _Toy()
     optimizer = build_dino_optimizer(_cfg(), model)

@@ -54,6 +54,7 @@ def ci_cfg(output_dir, max_iter: int, **overrides):
     cfg.MODEL.DINO.NUM_SELECT = 30
     cfg.MODEL.DINO.DN_NUMBER = 10
     cfg.SOLVER.IMS_PER_BATCH = 4
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
     cfg.SOLVER.MAX_ITER = max_iter
     cfg.SOLVER.STEPS = (int(max_iter * 0.85),)
     cfg.SOLVER.WARMUP_ITERS = min(20, max_iter // 4)

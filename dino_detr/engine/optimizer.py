@@ -50,8 +50,21 @@ def add_full_model_clipping(
     return optimizer
 
 
+def _can_fuse_adamw(cfg, groups: List[Dict]) -> bool:
+    """Whether AdamW can run as one fused kernel per step (torch's ``fused=True``: the same update,
+    ~5x faster than the per-tensor loop on the CPU): floating-point parameters on the CPU or CUDA,
+    and no float16 ``GradScaler``, which would hand the fused step scaled gradients (the full-model
+    clipping must see them unscaled)."""
+    amp = cfg.SOLVER.AMP
+    if amp.ENABLED and amp.PRECISION == "float16":
+        return False
+    params = [p for group in groups for p in group["params"]]
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def build_dino_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """``SOLVER.OPTIMIZER`` ("ADAMW" or "SGD") over :func:`dino_param_groups`.
+    """``SOLVER.OPTIMIZER`` ("ADAMW", fused where :func:`_can_fuse_adamw`, or "SGD") over
+    :func:`dino_param_groups`.
 
     ``SOLVER.CLIP_GRADIENTS`` with ``CLIP_TYPE: "full_model"`` clips the L2 (``NORM_TYPE``)
     norm of all gradients together at ``CLIP_VALUE``; "value" / "norm" use Detectron2's
@@ -61,7 +74,7 @@ def build_dino_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     groups = dino_param_groups(model, s.BASE_LR, s.BACKBONE_MULTIPLIER, s.WEIGHT_DECAY)
     name = s.OPTIMIZER.upper()
     if name == "ADAMW":
-        optimizer_type, kwargs = torch.optim.AdamW, {}
+        optimizer_type, kwargs = torch.optim.AdamW, {"fused": _can_fuse_adamw(cfg, groups)}
     elif name == "SGD":
         optimizer_type, kwargs = torch.optim.SGD, {"momentum": s.MOMENTUM, "nesterov": s.NESTEROV}
     else:
