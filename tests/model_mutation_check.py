@@ -81,8 +81,8 @@ MUTANTS = {
     # Look forward twice (Sec. 3.5).
     "look forward once": (
         M + "meta_arch.py",
-        "boxes = look_forward_twice(box_head, hidden, reference)",
-        "boxes = look_forward_twice(box_head, hidden, reference.detach())",
+        "boxes = look_forward_twice(box_head, hidden, reference, self.box_prediction_eps)",
+        "boxes = look_forward_twice(box_head, hidden, reference.detach(), self.box_prediction_eps)",
     ),
     "decoder chain not detached": (M + "decoder.py", "reference = refined.detach()", "reference = refined"),
     # Loss terms: weights, normalisation, focal parameters; auxiliary and encoder losses.
@@ -153,6 +153,11 @@ MUTANTS = {
         M + "meta_arch.py",
         "image_sizes.flip(-1).repeat(1, 2)",
         "image_sizes.repeat(1, 2)",
+    ),
+    "box prediction: configured floor ignored": (
+        M + "meta_arch.py",
+        "boxes = look_forward_twice(box_head, hidden, reference, self.box_prediction_eps)",
+        "boxes = look_forward_twice(box_head, hidden, reference)",
     ),
     "inverse sigmoid: 1 - x unguarded": (
         M + "utils.py",
