@@ -56,6 +56,20 @@ def model_of(config, opts, device="cpu"):
         return build_model(cfg)
 
 
+def _loaded_strictly(conv, tmp_path):
+    """The state dict of the converted config's model after Detectron2 loaded ``conv``'s weights
+    from a file, checked to hold exactly the converted tensors."""
+    path = str(tmp_path / "converted.pth")
+    torch.save({"model": conv.state_dict}, path)
+    model = model_of(conv.base_config, conv.opts())
+    DetectionCheckpointer(model).load(path)
+    model_sd = model.state_dict()
+    assert set(model_sd) == set(conv.state_dict)
+    for k, v in model_sd.items():
+        assert torch.equal(v, conv.state_dict[k]), k
+    return model_sd
+
+
 def test_official_swinl_4scale_converts_and_loads_strictly(official_4scale, tmp_path):
     src = official_4scale
     conv = convert_state_dict(src, "official", "coco80")
@@ -65,14 +79,7 @@ def test_official_swinl_4scale_converts_and_loads_strictly(official_4scale, tmp_
     # 12 head aliases and 24 relative_position_index buffers (one per block) are checked, not copied
     assert len(conv.state_dict) == len(src) - 12 - 24
     assert any("24 Swin relative_position_index" in n for n in conv.notes)
-    path = str(tmp_path / "converted.pth")
-    torch.save({"model": conv.state_dict}, path)
-    model = model_of(conv.base_config, conv.opts())
-    DetectionCheckpointer(model).load(path)
-    model_sd = model.state_dict()
-    assert set(model_sd) == set(conv.state_dict)
-    for k, v in model_sd.items():
-        assert torch.equal(v, conv.state_dict[k]), k
+    model_sd = _loaded_strictly(conv, tmp_path)
     pairs = {
         "backbone.0.patch_embed.proj.weight": "backbone.patch_embed.proj.weight",
         "backbone.0.layers.2.blocks.17.attn.relative_position_bias_table": "backbone.layers.2.blocks.17.attn.relative_position_bias_table",
@@ -231,14 +238,7 @@ def test_mmdet_swinl_5scale_converts_and_loads_strictly(mmdet_swinl, tmp_path):
     # decoder aliases of the 6 box heads (6 tensors each)
     assert len(conv.state_dict) == len(src) - 24 + 5 + 36
     assert any("9 Swin patch-merging tensors" in n for n in conv.notes)
-    path = str(tmp_path / "converted.pth")
-    torch.save({"model": conv.state_dict}, path)
-    model = model_of(conv.base_config, conv.opts())
-    DetectionCheckpointer(model).load(path)
-    model_sd = model.state_dict()
-    assert set(model_sd) == set(conv.state_dict)
-    for k, v in model_sd.items():
-        assert torch.equal(v, conv.state_dict[k]), k
+    model_sd = _loaded_strictly(conv, tmp_path)
     pairs = {
         "backbone.patch_embed.projection.weight": "backbone.patch_embed.proj.weight",
         "backbone.patch_embed.norm.bias": "backbone.patch_embed.norm.bias",
