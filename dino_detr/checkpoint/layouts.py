@@ -79,7 +79,7 @@ def _model_differences(conversion: Conversion, model: nn.Module) -> List[str]:
         if value is not None and hasattr(pe, attr) and float(getattr(pe, attr)) != float(value):
             opts += [f"MODEL.DINO.{key}", f"{value:g}"]
     eps = needed.get("MODEL.DINO.BOX_PREDICTION_EPS")
-    if eps is not None and float(getattr(model, "box_prediction_eps", eps)) != float(eps):
+    if eps is not None and float(model.box_prediction_eps) != float(eps):
         opts += ["MODEL.DINO.BOX_PREDICTION_EPS", f"{eps:g}"]
     for key, heads in (("CLASS", "class_embed"), ("BBOX", "bbox_embed")):
         modules = getattr(model, heads, None)
