@@ -108,7 +108,7 @@ def test_fold_batch_norms_matches_unfolded(norm):
         x = torch.randn(1, 3, 96, 128)
         expected = backbone(x)
         folded = copy.deepcopy(backbone)
-        assert fold_batch_norms(folded) == 20  # ResNet-18: stem, 16 block convs, 3 shortcuts
+        assert fold_batch_norms(folded) == 15  # ResNet-18 up to res4: stem, 12 block convs, 2 shortcuts
         got = folded(x)
     assert not any(hasattr(m, "running_var") for m in folded.modules())
     for key in expected:
@@ -140,7 +140,10 @@ def test_this_machine_reports_its_bfloat16_support():
 
 
 def _demo_model(*opts):
-    cfg = get_dino_cfg(os.path.join(REPO, "configs", "dino_demo.yaml"), ["MODEL.DEVICE", "cpu", *opts])
+    """The demo model with BatchNorm in its backbone (which inference folds into the convolutions)."""
+    cfg = get_dino_cfg(
+        os.path.join(REPO, "configs", "dino_demo.yaml"), ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "BN", *opts]
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
