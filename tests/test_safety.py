@@ -3,6 +3,7 @@ tools/train_net.py --eval-only), the fit rule, crash-safe checkpoints and resume
 lock, and the messages of config / CLI mistakes."""
 
 import collections
+import errno
 import importlib.util
 import logging
 import os
@@ -19,7 +20,7 @@ import torchvision
 from detectron2.engine import DefaultPredictor
 from torch import nn
 
-import dino_detr.checkpoint.checkpointer as checkpointer_module
+import dino_detr.checkpoint.io as checkpoint_io
 from dino_detr import get_dino_cfg
 from dino_detr.checkpoint import (
     TRUSTED_WEIGHTS_ENV,
@@ -31,6 +32,7 @@ from dino_detr.checkpoint import (
 from dino_detr.engine import FiniteCheckpointer, OutputDirInUseError, build_dino_optimizer, lock_output_dir
 from dino_detr.engine.nan_guard import check_finite_grad_norm
 
+from child_process import child_env
 from train_utils import REPO, TINY_MODEL
 
 DEMO_CONFIG = str(REPO / "configs" / "dino_demo.yaml")
@@ -183,9 +185,37 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(checkpointer_module.torch, "save", crash_mid_write)
+    monkeypatch.setattr(checkpoint_io.torch, "save", crash_mid_write)
     with pytest.raises(KeyboardInterrupt):
         checkpointer.save("model_0000002")
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+
+
+def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(tmp_path):
+    # A real failed write: the child process may not grow a file beyond 256 KiB (RLIMIT_FSIZE; the write
+    # fails with EFBIG as it would with ENOSPC), which torch.save alone reports as "unexpected pos ...".
+    script = textwrap.dedent(
+        f"""
+        import os, resource, signal
+        from torch import nn
+        from dino_detr.checkpoint import SafeCheckpointer
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        checkpointer = SafeCheckpointer(nn.Linear(512, 512), {str(tmp_path)!r})
+        checkpointer.save("model_0000001")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**18, 2**18))
+        try:
+            checkpointer.save("model_0000002")
+        except OSError as e:
+            print("ERROR", e.errno, e)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child_env())
+    assert out.returncode == 0, out.stderr
+    message = out.stdout.strip()
+    assert message.startswith(f"ERROR {errno.EFBIG} "), message
+    path = tmp_path / "model_0000002.pth"
+    assert f"cannot write {path}: File too large (" in message and "GiB free on its disk" in message
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
 

@@ -6,14 +6,13 @@ import os
 from typing import Any, Dict
 
 import detectron2.engine.defaults
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from dino_detr.compat import forget_failed_load
 
 from .finetune import drop_mismatched_class_tensors, mismatched_class_tensors
 from .fit import check_checkpoint_fits
-from .io import SOURCE_GLOBALS, atomic_open
+from .io import SOURCE_GLOBALS, atomic_open, save_torch_file
 from .layouts import as_project_checkpoint
 from .safe_load import UnreadableCheckpointError, load_pickled_arrays, load_torch_weights
 
@@ -96,8 +95,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {path}")
-        with atomic_open(path) as f:
-            torch.save(data, f)
+        save_torch_file(data, path)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
