@@ -2,13 +2,33 @@
 ``visualization``) importable by the tests, as they are for a script run from ``tools/``."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 if TOOLS not in sys.path:
     sys.path.insert(0, TOOLS)
+
+
+#: The temporary folder's space the whole suite needs at its peak (1.2 GiB measured): each test's files are
+#: removed when it passes (pyproject.toml), the ~11 GB written over a run never add up.
+SUITE_TMP_GIB = 2.0
+
+
+def pytest_sessionstart(session):
+    """Says so, before any test, when the temporary folder has less free space than the suite needs (the
+    checkpoint tests would fail with ``OSError: cannot write ...``)."""
+    folder = tempfile.gettempdir()
+    free_gib = shutil.disk_usage(folder).free / 2**30
+    if free_gib < SUITE_TMP_GIB:
+        session.config.get_terminal_writer().line(
+            f"WARNING: {folder} has {free_gib:.1f} GiB free; the whole suite needs about {SUITE_TMP_GIB:.0f} GiB "
+            "there (set TMPDIR to a folder with more)",
+            yellow=True,
+        )
 
 
 @pytest.fixture
