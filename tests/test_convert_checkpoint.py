@@ -73,18 +73,24 @@ def dino_model(scale, opts):
     return _MODELS[key]
 
 
-def strict_load(conversion, scale, tmp_path):
-    """Writes the converted checkpoint, loads it with DetectionCheckpointer and checks that every
-    model tensor came from it."""
+def load_strictly(state_dict, model, tmp_path):
+    """Writes ``state_dict`` as a checkpoint, loads it into ``model`` with DetectionCheckpointer and checks
+    that every model tensor came from it; returns the model's state dict."""
     path = str(tmp_path / "converted.pth")
-    save_detectron2_checkpoint(conversion.state_dict, path)
-    model = dino_model(scale, conversion.opts())
-    check_against_model(conversion.state_dict, model)
+    save_detectron2_checkpoint(state_dict, path)
     DetectionCheckpointer(model).load(path)
     model_sd = model.state_dict()
-    assert set(model_sd) == set(conversion.state_dict)
+    assert set(model_sd) == set(state_dict)
     for k, v in model_sd.items():
-        assert torch.equal(v, conversion.state_dict[k]), k
+        assert torch.equal(v, state_dict[k]), k
+    return model_sd
+
+
+def strict_load(conversion, scale, tmp_path):
+    """The DINO model of ``scale`` levels, checked to fit the conversion, with its weights loaded strictly."""
+    model = dino_model(scale, conversion.opts())
+    check_against_model(conversion.state_dict, model)
+    load_strictly(conversion.state_dict, model, tmp_path)
     return model
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from test_convert_checkpoint import manifest, random_checkpoint
+from test_convert_checkpoint import load_strictly, manifest, random_checkpoint
 from torch import nn
 
 from dino_detr import get_dino_cfg
@@ -56,20 +56,6 @@ def model_of(config, opts, device="cpu"):
         return build_model(cfg)
 
 
-def _loaded_strictly(conv, tmp_path):
-    """The state dict of the converted config's model after Detectron2 loaded ``conv``'s weights
-    from a file, checked to hold exactly the converted tensors."""
-    path = str(tmp_path / "converted.pth")
-    torch.save({"model": conv.state_dict}, path)
-    model = model_of(conv.base_config, conv.opts())
-    DetectionCheckpointer(model).load(path)
-    model_sd = model.state_dict()
-    assert set(model_sd) == set(conv.state_dict)
-    for k, v in model_sd.items():
-        assert torch.equal(v, conv.state_dict[k]), k
-    return model_sd
-
-
 def test_official_swinl_4scale_converts_and_loads_strictly(official_4scale, tmp_path):
     src = official_4scale
     conv = convert_state_dict(src, "official", "coco80")
@@ -79,7 +65,7 @@ def test_official_swinl_4scale_converts_and_loads_strictly(official_4scale, tmp_
     # 12 head aliases and 24 relative_position_index buffers (one per block) are checked, not copied
     assert len(conv.state_dict) == len(src) - 12 - 24
     assert any("24 Swin relative_position_index" in n for n in conv.notes)
-    model_sd = _loaded_strictly(conv, tmp_path)
+    model_sd = load_strictly(conv.state_dict, model_of(conv.base_config, conv.opts()), tmp_path)
     pairs = {
         "backbone.0.patch_embed.proj.weight": "backbone.patch_embed.proj.weight",
         "backbone.0.layers.2.blocks.17.attn.relative_position_bias_table": "backbone.layers.2.blocks.17.attn.relative_position_bias_table",
@@ -238,7 +224,7 @@ def test_mmdet_swinl_5scale_converts_and_loads_strictly(mmdet_swinl, tmp_path):
     # decoder aliases of the 6 box heads (6 tensors each)
     assert len(conv.state_dict) == len(src) - 24 + 5 + 36
     assert any("9 Swin patch-merging tensors" in n for n in conv.notes)
-    model_sd = _loaded_strictly(conv, tmp_path)
+    model_sd = load_strictly(conv.state_dict, model_of(conv.base_config, conv.opts()), tmp_path)
     pairs = {
         "backbone.patch_embed.projection.weight": "backbone.patch_embed.proj.weight",
         "backbone.patch_embed.norm.bias": "backbone.patch_embed.norm.bias",
