@@ -102,7 +102,7 @@ $(GPU_BUNDLE)/MANIFEST.json: tools/gpu_bundle.py tools/gpu_bundle.lock tools/ins
 # builds dino_detr._C against torch 2.11 (C++ and CUDA) in its dry run, and runs the op, model and training tests.
 REHEARSAL_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 REHEARSAL_VENV ?= $(HOME)/.cache/dino_detr/rehearsal-py312-torch2.11
-REHEARSAL_TESTS ?= tests/test_ms_deform_attn.py tests/test_model.py tests/test_train.py
+REHEARSAL_TESTS ?= tests/test_ms_deform_attn.py tests/test_model.py tests/test_train.py tests/test_trainer_state.py
 gpu-rehearsal: $(GPU_BUNDLE)/MANIFEST.json $(REHEARSAL_VENV)/.image
 	PYTHON=$(REHEARSAL_VENV)/bin/python tools/gpu_check_offline.sh --dry-run --results build/gpu_rehearsal
 	PYTHON=$(REHEARSAL_VENV)/bin/python DINO_DETR_REQUIRE_EXT=1 tools/gpu_check_offline.sh --run \

@@ -7,6 +7,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 if TOOLS not in sys.path:
@@ -29,6 +30,33 @@ def pytest_sessionstart(session):
             "there (set TMPDIR to a folder with more)",
             yellow=True,
         )
+
+
+def _threads_for(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def at_most_two_threads():
+    """At most two CPU threads for a module's trainings (as on CI's 2 cores, whatever the machine)."""
+    yield from _threads_for(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def one_thread():
+    """Bitwise reproducible CPU kernels for the duration of a test."""
+    yield from _threads_for(1)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The CI dataset (train_utils.ci_dataset), generated and registered once; its training split's name."""
+    from train_utils import ci_dataset
+
+    return ci_dataset(tmp_path_factory.mktemp("ci_data") / "shapes")
 
 
 @pytest.fixture

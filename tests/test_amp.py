@@ -12,20 +12,9 @@ from torch import nn
 import dino_detr.data  # noqa: F401
 from dino_detr.engine import DinoTrainer, MixedPrecisionTrainer, amp_precision
 
-from train_utils import ci_cfg, ci_dataset
+from train_utils import ci_cfg
 
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return ci_dataset(tmp_path_factory.mktemp("ci_data") / "shapes")
-
-
-@pytest.fixture(autouse=True)
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(min(2, previous))
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("at_most_two_threads")
 
 
 class _Record(HookBase):
