@@ -197,7 +197,7 @@ def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(tmp_path):
     # fails with EFBIG as it would with ENOSPC), which torch.save alone reports as "unexpected pos ...".
     script = textwrap.dedent(
         f"""
-        import os, resource, signal
+        import resource, signal
         from torch import nn
         from dino_detr.checkpoint import SafeCheckpointer
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
